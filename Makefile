@@ -1,0 +1,34 @@
+# make serve: install what is missing, then serve examples/hello.py
+# make test:  install what is missing, then run the whole test suite
+VENV   ?= .venv
+PYTHON ?= python3
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test deps system-deps docs bench clean
+
+serve: deps
+	$(VENV)/bin/circus-wsgi serve examples.hello:app --static /static=examples/static
+
+test: deps
+	$(VENV)/bin/python -m pytest
+
+docs: deps
+	$(VENV)/bin/python -m pip install -q -e '.[docs]'
+	$(VENV)/bin/sphinx-build -q -W -b html docs docs/_build/html
+
+system-deps:
+	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mongrel2-core; }
+
+deps: system-deps $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) docs/_build .pytest_cache .hypothesis

@@ -1,0 +1,117 @@
+"""The ``circus-wsgi`` command: serve, config, worker, dispatcher, status.
+
+Every subcommand takes the same setting flags, made from
+:data:`circus_wsgi.settings.SETTINGS`; ``--settings FILE`` loads a Python
+settings file first and the flags given override it. A bad value prints one
+line and exits with status 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from .settings import SETTINGS, Settings, SettingsError
+
+USAGE_ERROR = 2
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(settings)
+
+
+def _config(settings: Settings, args: argparse.Namespace) -> int:
+    paths = settings.write(args.out)
+    for name, path in paths.items():
+        print(f"wrote {path}")
+    return 0
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from .worker import run_worker
+
+    return run_worker(settings)
+
+
+def _dispatcher(settings: Settings, args: argparse.Namespace) -> int:
+    from .dispatcher import run_dispatcher
+
+    return run_dispatcher(settings)
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from .status import print_status
+
+    return print_status(settings)
+
+
+_COMMANDS: dict[str, tuple[str, Callable[[Settings, argparse.Namespace], int]]] = {
+    "serve": ("run the whole stack in the foreground: mongrel2, dispatcher, workers", _serve),
+    "config": ("write config.sqlite, mongrel2.conf and circus.ini into --out DIR", _config),
+    "worker": ("run one worker (what circus runs for the workers watcher)", _worker),
+    "dispatcher": ("run the dispatcher (what circus runs for the dispatcher watcher)",
+                   _dispatcher),
+    "status": ("print the dispatcher's counters: queue, busy and idle workers, 5xx", _status),
+}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settings", metavar="FILE",
+                        help="a Python file that assigns settings = Settings(...)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for setting in SETTINGS:
+        if setting.name == "app":
+            parser.add_argument("app", nargs="?", default=argparse.SUPPRESS, metavar="APP",
+                                help=setting.help)
+            continue
+        group = groups.setdefault(setting.section,
+                                  parser.add_argument_group(f"{setting.section} settings"))
+        group.add_argument(
+            setting.flag, dest=setting.name, metavar=setting.metavar or None,
+            action="append" if setting.repeat else "store", default=argparse.SUPPRESS,
+            help=f"{setting.help} (default: {_show_default(setting.default)})")
+
+
+def _show_default(value: object) -> str:
+    if value in ((), "", None):
+        return "none"
+    return str(value).replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``circus-wsgi`` command."""
+    parser = argparse.ArgumentParser(
+        prog="circus-wsgi",
+        description="Run a WSGI application behind Mongrel2, every process managed by Circus.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, _) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        _add_setting_flags(sub)
+        if name == "config":
+            sub.add_argument("--out", required=True, metavar="DIR",
+                             help="directory to write the configuration files into")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from ``--settings FILE`` (if given) overridden by the flags given."""
+    given = {s.name: getattr(args, s.name) for s in SETTINGS if hasattr(args, s.name)}
+    if args.settings:
+        return Settings.from_file(args.settings).replace(**given)
+    return Settings(**given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``circus-wsgi`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _, run = _COMMANDS[args.command]
+    try:
+        settings = settings_from_args(args)
+        return run(settings, args)
+    except SettingsError as error:
+        print(f"circus-wsgi: error: {error}", file=sys.stderr)
+        return USAGE_ERROR

@@ -1,0 +1,161 @@
+"""The Mongrel2 handler wire format, sans-IO: bytes in, messages out, and back.
+
+Strategy: a request is ``SENDER SP CONN_ID SP PATH SP HEADERS BODY`` where
+HEADERS is a tnetstring dict (or a JSON netstring for ``protocol='json'``) and
+BODY a netstring. :func:`parse` slices the message once, decodes the headers
+with tnetstring3 (a C extension) and classifies it; anything malformed raises
+:class:`ProtocolError`, never anything else. Responses are built by
+:func:`response`. No sockets here, so every path is unit-tested and fuzzed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Iterable, Union
+
+import tnetstring
+
+__all__ = ["Kind", "Message", "ProtocolError", "parse", "response", "close", "MAX_TARGETS"]
+
+#: mongrel2's limits.handler_targets: ids one response message may address.
+MAX_TARGETS = 128
+
+HeaderValue = Union[bytes, list]
+
+UPLOAD_START = b"x-mongrel2-upload-start"
+UPLOAD_DONE = b"x-mongrel2-upload-done"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the Mongrel2 handler protocol."""
+
+
+class Kind(Enum):
+    REQUEST = "request"
+    UPLOAD_START = "upload-start"  # headers only; the body is still arriving in a temp file
+    UPLOAD_DONE = "upload-done"  # the body is complete in the temp file
+    DISCONNECT = "disconnect"
+    CREDITS = "credits"
+
+
+@dataclass(slots=True)
+class Message:
+    """One message from mongrel2. Header names and values are bytes, as sent."""
+
+    sender: bytes
+    conn_id: bytes
+    path: bytes
+    headers: dict
+    body: bytes
+    kind: Kind
+
+    def header(self, name: bytes) -> bytes | None:
+        """One header's value; a repeated header's values joined with ``, ``."""
+        value = self.headers.get(name)
+        if isinstance(value, list):
+            return b", ".join(value)
+        return value
+
+    @property
+    def upload_path(self) -> bytes | None:
+        """The temp file of an upload, once start and done agree (else None)."""
+        start = self.headers.get(UPLOAD_START)
+        return start if start is not None and start == self.headers.get(UPLOAD_DONE) else None
+
+    @property
+    def credits(self) -> int:
+        """Bytes the client has taken: a credits notice's grant, or a request's window."""
+        value = self.headers.get(b"DOWNLOAD_CREDITS")
+        return int(value) if isinstance(value, bytes) and value.isdigit() else 0
+
+
+def _split_netstring(data: bytes, start: int) -> tuple[int, int]:
+    """(start, end) of a netstring's payload beginning at ``start``; end is at its ','."""
+    colon = data.find(b":", start, start + 12)
+    if colon <= start or not data[start:colon].isdigit():
+        raise ProtocolError("bad netstring length")
+    end = colon + 1 + int(data[start:colon])
+    if end >= len(data) or data[end:end + 1] not in (b",", b"}"):
+        raise ProtocolError("truncated netstring")
+    return colon + 1, end
+
+
+def parse(data: bytes, protocol: str = "tnetstring") -> Message:
+    """Parse one request or control notice from mongrel2."""
+    try:
+        sender, conn_id, path, rest = data.split(b" ", 3)
+    except ValueError:
+        raise ProtocolError("fewer than four space-separated fields") from None
+    if not conn_id.isdigit():
+        raise ProtocolError("connection id is not a number")
+    offset = len(data) - len(rest)
+    header_start, header_end = _split_netstring(data, offset)
+    headers = _decode_headers(data, offset, header_start, header_end, protocol)
+    body_start, body_end = _split_netstring(data, header_end + 1)
+    if body_end != len(data) - 1 or data[body_end] != 0x2C:
+        raise ProtocolError("trailing bytes after the body")
+    body = data[body_start:body_end]
+    return Message(sender, conn_id, path, headers, body, _classify(headers, body))
+
+
+def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: str) -> dict:
+    try:
+        if protocol == "json":
+            loaded = json.loads(data[start:end])
+            headers = {_latin1(k): _json_value(v) for k, v in loaded.items()}
+        else:
+            headers = tnetstring.loads(data[offset:end + 1])
+    except (ValueError, TypeError, AttributeError, UnicodeError) as error:
+        raise ProtocolError(f"bad headers: {error}") from None
+    if not isinstance(headers, dict) or not isinstance(headers.get(b"METHOD"), bytes):
+        raise ProtocolError("headers are not a dict with a METHOD")
+    for value in headers.values():
+        if not isinstance(value, bytes) and not (
+                isinstance(value, list) and all(isinstance(v, bytes) for v in value)):
+            raise ProtocolError("a header value is neither bytes nor a list of bytes")
+    return headers
+
+
+def _latin1(text: str) -> bytes:
+    return text.encode("utf-8") if any(ord(c) > 255 for c in text) else text.encode("latin-1")
+
+
+def _json_value(value):
+    if isinstance(value, list):
+        return [_latin1(str(v)) for v in value]
+    return _latin1(str(value))
+
+
+def _classify(headers: dict, body: bytes) -> Kind:
+    if headers[b"METHOD"] == b"JSON":
+        try:
+            kind = json.loads(body).get("type")
+        except (ValueError, AttributeError, UnicodeError):
+            kind = None
+        if kind == "disconnect":
+            return Kind.DISCONNECT
+        if kind == "credits":
+            return Kind.CREDITS
+        return Kind.REQUEST  # a client's own METHOD=JSON request goes to the app
+    if UPLOAD_START in headers:
+        return Kind.UPLOAD_DONE if UPLOAD_DONE in headers else Kind.UPLOAD_START
+    return Kind.REQUEST
+
+
+def response(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]], body: bytes) -> bytes:
+    """A response message: ``body`` written verbatim to each connection.
+
+    ``conn_ids`` is one id or up to :data:`MAX_TARGETS` of them. An empty body
+    closes the connections.
+    """
+    ids = conn_ids if isinstance(conn_ids, bytes) else b" ".join(conn_ids)
+    if not ids or ids.count(b" ") >= MAX_TARGETS:
+        raise ProtocolError(f"a response addresses 1 to {MAX_TARGETS} connections")
+    return b"%s %d:%s, %s" % (sender, len(ids), ids, body)
+
+
+def close(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]]) -> bytes:
+    """The message that makes mongrel2 close the connections."""
+    return response(sender, conn_ids, b"")

@@ -1,0 +1,84 @@
+"""The private run directory: where every socket, pid file, log and upload lives.
+
+One place names every path, so mongrel2's config, circus.ini, the dispatcher
+and the workers agree on them. The directory is created with mode 0700.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths inside one run directory."""
+
+    path: Path
+
+    def _ipc(self, name: str) -> str:
+        return f"ipc://{self.path / name}"
+
+    @property
+    def mongrel2_send(self) -> str:
+        """mongrel2's PUSH socket (handler send_spec): requests out of mongrel2."""
+        return self._ipc("m2-requests.sock")
+
+    @property
+    def mongrel2_recv(self) -> str:
+        """mongrel2's SUB socket (handler recv_spec): responses into mongrel2."""
+        return self._ipc("m2-responses.sock")
+
+    @property
+    def mongrel2_control(self) -> str:
+        return self._ipc("m2-control.sock")
+
+    @property
+    def dispatcher(self) -> str:
+        """The dispatcher's ROUTER socket, which workers connect to."""
+        return self._ipc("dispatcher.sock")
+
+    @property
+    def dispatcher_status(self) -> str:
+        """The dispatcher's REP socket answering status queries (counters)."""
+        return self._ipc("dispatcher-status.sock")
+
+    @property
+    def circus_endpoint(self) -> str:
+        return self._ipc("circus.sock")
+
+    @property
+    def circus_pubsub(self) -> str:
+        return self._ipc("circus-pubsub.sock")
+
+    @property
+    def circus_stats(self) -> str:
+        return self._ipc("circus-stats.sock")
+
+    @property
+    def mongrel2_pid_file(self) -> Path:
+        return self.path / "mongrel2.pid"
+
+    @property
+    def mongrel2_access_log(self) -> Path:
+        """mongrel2's own access log (it records 200 for every handler route)."""
+        return self.path / "mongrel2-access.log"
+
+    @property
+    def uploads(self) -> Path:
+        """Directory of mongrel2's upload temp files."""
+        return self.path / "uploads"
+
+    @property
+    def upload_template(self) -> str:
+        """mongrel2's upload.temp_store: an mkstemp template."""
+        return str(self.uploads / "upload.XXXXXX")
+
+    def create(self) -> "RunDir":
+        """Create the directory (and uploads/) private to this user: mode 0700."""
+        for directory in (self.path, self.uploads):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, stat.S_IRWXU)
+        return self

@@ -1,0 +1,469 @@
+"""Every option of circus-wsgi, declared once.
+
+Each :class:`Setting` carries its name, default, converter (which is also its
+validator), command-line flag and help text. The command line (:mod:`cli`),
+the validation messages and the settings reference in the docs are all made
+from :data:`SETTINGS`, so a setting exists exactly where it is declared here.
+
+:class:`Settings` is the single object the rest of the library reads:
+``Settings(app="myapp:app", workers=4)``. Values are converted and checked at
+construction; a bad one raises :class:`SettingsError`, whose message is one
+line naming the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import runpy
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+__all__ = ["Setting", "Settings", "SettingsError", "SETTINGS"]
+
+#: Longest path a Unix socket address may have (sun_path is 108 bytes with its NUL).
+IPC_PATH_MAX = 107
+
+
+class SettingsError(ValueError):
+    """A setting has a value it cannot take; the message is one line."""
+
+    def __init__(self, name: str, value: Any, allowed: str) -> None:
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"setting {name!r}: invalid value {value!r}: {allowed}")
+
+
+# --------------------------------------------------------------------------
+# Converters: take a value from Python or a string from the command line,
+# return the canonical value, raise ValueError("what is allowed") otherwise.
+
+
+def _integer(minimum: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"must be an integer >= {minimum}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be an integer >= {minimum}") from None
+        if number < minimum or (isinstance(value, float) and value != number):
+            raise ValueError(f"must be an integer >= {minimum}")
+        return number
+
+    convert.kind = f"integer >= {minimum}"  # type: ignore[attr-defined]
+    return convert
+
+
+def _seconds(minimum: float) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number of seconds >= {minimum:g}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number of seconds >= {minimum:g}") from None
+        if not number >= minimum or number == float("inf"):
+            raise ValueError(f"must be a number of seconds >= {minimum:g}")
+        return number
+
+    convert.kind = f"seconds >= {minimum:g}"  # type: ignore[attr-defined]
+    return convert
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+_boolean.kind = "true or false"  # type: ignore[attr-defined]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+_text.kind = "string"  # type: ignore[attr-defined]
+
+_APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(\))?$")
+
+
+def _app(value: Any) -> str:
+    if value is None:
+        return None  # type: ignore[return-value]
+    if not isinstance(value, str) or not _APP_RE.match(value):
+        raise ValueError("must be MODULE:CALLABLE or MODULE:FACTORY() (for example myapp:app)")
+    return value
+
+
+_app.kind = "MODULE:CALLABLE"  # type: ignore[attr-defined]
+
+
+def _bind(value: Any) -> str:
+    allowed = "must be HOST:PORT with a port from 1 to 65535 (for example 127.0.0.1:8000)"
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(allowed)
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(allowed)
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(allowed + "; HOST must be an IP address or localhost") from None
+    return f"{host}:{int(port)}"
+
+
+_bind.kind = "HOST:PORT"  # type: ignore[attr-defined]
+
+
+def _directory_path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a path")
+    return os.path.abspath(value) if value else ""
+
+
+_directory_path.kind = "path"  # type: ignore[attr-defined]
+
+
+def _endpoint(value: Any) -> str:
+    if value in ("", None):
+        return ""
+    if not isinstance(value, str) or not re.match(r"^(ipc://.+|tcp://[^:]+:\d+)$", value):
+        raise ValueError("must be ipc://PATH or tcp://HOST:PORT")
+    return value
+
+
+_endpoint.kind = "ZeroMQ endpoint"  # type: ignore[attr-defined]
+
+
+def _pairs(what: str, check_key: Callable[[str], str], check_value: Callable[[str], str]):
+    """A list of KEY=VALUE pairs, given as a mapping, a list of pairs or of "K=V" strings."""
+
+    def convert(value: Any) -> tuple[tuple[str, str], ...]:
+        if isinstance(value, str):
+            value = [value]
+        items = value.items() if isinstance(value, Mapping) else value
+        result = []
+        for item in items:
+            if isinstance(item, str):
+                key, sep, val = item.partition("=")
+                if not sep:
+                    raise ValueError(f"must be {what}")
+            else:
+                try:
+                    key, val = item
+                except (TypeError, ValueError):
+                    raise ValueError(f"must be {what}") from None
+            result.append((check_key(str(key)), check_value(str(val))))
+        return tuple(result)
+
+    convert.kind = f"list of {what}"  # type: ignore[attr-defined]
+    return convert
+
+
+def _url_prefix(prefix: str) -> str:
+    if not prefix.startswith("/"):
+        raise ValueError("each URL prefix must start with /")
+    return prefix
+
+
+def _existing_directory(path: str) -> str:
+    if not os.path.isdir(path):
+        raise ValueError(f"directory {path} does not exist")
+    return os.path.abspath(path)
+
+
+def _env_name(name: str) -> str:
+    if not re.match(r"^[A-Za-z_]\w*$", name):
+        raise ValueError("each name must be a valid environment variable name")
+    return name
+
+
+def _mount_app(app: str) -> str:
+    return _app(app)
+
+
+def _any(value: str) -> str:
+    return value
+
+
+def _uuid(value: Any) -> str:
+    if value in ("", None):
+        return ""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError("must be a UUID (for example f400bf85-4538-4f7a-8908-67e313d515c2)") from None
+
+
+_uuid.kind = "UUID"  # type: ignore[attr-defined]
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value
+
+    convert.kind = " | ".join(choices)  # type: ignore[attr-defined]
+    return convert
+
+
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option: its name, default, converter, command-line flag and help text."""
+
+    name: str
+    section: str
+    default: Any
+    convert: Callable[[Any], Any]
+    help: str
+    metavar: str = ""
+    repeat: bool = False  # the flag may be given several times, building a list
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.convert, "kind", "")
+
+
+_S = Setting
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- application
+    _S("app", "application", None, _app,
+       "The WSGI application, as MODULE:CALLABLE, or MODULE:FACTORY() for a factory "
+       "that returns it. Mounted at /.", "APP"),
+    _S("mounts", "application", (), _pairs("PREFIX=APP", _url_prefix, _mount_app),
+       "More applications, each mounted at a URL prefix (its SCRIPT_NAME).", "PREFIX=APP", True),
+    _S("chdir", "application", ".", _directory_path,
+       "Directory put first on sys.path and made the workers' working directory.", "DIR"),
+    _S("env", "application", (), _pairs("NAME=VALUE", _env_name, _any),
+       "Environment variables set for the workers.", "NAME=VALUE", True),
+    _S("virtualenv", "application", "", _directory_path,
+       "A virtualenv whose site-packages the workers use.", "DIR"),
+    # -- server
+    _S("bind", "server", "127.0.0.1:8000", _bind,
+       "Address and port mongrel2 listens on for HTTP.", "HOST:PORT"),
+    _S("static", "server", (), _pairs("PREFIX=DIR", _url_prefix, _existing_directory),
+       "Serve the files of DIR at URL PREFIX straight from mongrel2.", "PREFIX=DIR", True),
+    _S("server_uuid", "server", "", _uuid,
+       "mongrel2's server UUID; default: derived from bind and run_dir.", "UUID"),
+    _S("run_dir", "server", "", _directory_path,
+       "Private directory (mode 0700) for sockets, pid files, logs and uploads. Default: "
+       "a fresh directory under /tmp for serve, OUT/run for config. Keep it short: "
+       f"socket paths are limited to {IPC_PATH_MAX} bytes.", "DIR"),
+    _S("endpoint", "server", "", _endpoint,
+       "circusd's control endpoint (what circusctl talks to). Default: an ipc socket in "
+       "run_dir. A tcp:// endpoint lets anyone on the host control the stack.", "ENDPOINT"),
+    # -- workers
+    _S("workers", "workers", 2, _integer(1), "Number of worker processes.", "N"),
+    _S("threads", "workers", 1, _integer(1),
+       "Requests one worker process serves at once, each in its own thread.", "N"),
+    _S("mode", "workers", "dispatcher", _choice("dispatcher", "direct"),
+       "How workers get requests: from the dispatcher (default: load-balanced, nothing lost "
+       "on scaling or crashes), or straight from mongrel2's sockets (direct).", "MODE"),
+    _S("send_spec", "workers", "", _endpoint,
+       "mongrel2's handler send_spec (its PUSH socket). Default: an ipc socket in run_dir; "
+       "set it to attach workers in direct mode to a mongrel2 run by someone else.", "ENDPOINT"),
+    _S("recv_spec", "workers", "", _endpoint,
+       "mongrel2's handler recv_spec (its SUB socket). Default: an ipc socket in run_dir.",
+       "ENDPOINT"),
+    _S("graceful_timeout", "workers", 30.0, _seconds(0),
+       "After SIGTERM, how long a worker may take to finish the requests it holds.", "S"),
+    _S("timeout", "workers", 30.0, _seconds(1),
+       "A request whose response has not started this long after it was handed to a worker "
+       "gets 504, and the worker is killed and replaced.", "S"),
+    _S("max_requests", "workers", 0, _integer(0),
+       "A worker exits cleanly after this many requests and circus starts a fresh one "
+       "(0: never).", "N"),
+    _S("max_requests_jitter", "workers", 0, _integer(0),
+       "A random 0..N added to max_requests per worker, so they do not all restart at once.",
+       "N"),
+    # -- dispatcher
+    _S("queue_timeout", "dispatcher", 5.0, _seconds(0.1),
+       "A request that no worker takes within this time gets 503 with Retry-After.", "S"),
+    _S("max_queue", "dispatcher", 1024, _integer(1),
+       "Requests the dispatcher holds waiting for a worker; past it, 503 at once.", "N"),
+    # -- limits
+    _S("max_body_size", "limits", 100 * 1024 * 1024, _integer(0),
+       "A request body larger than this gets 413 before it reaches the app (0: no limit).",
+       "BYTES"),
+    _S("content_length", "limits", 20480, _integer(1024),
+       "mongrel2's limits.content_length: bodies up to this arrive inline; larger ones "
+       "through a temporary file in run_dir.", "BYTES"),
+    _S("buffer_size", "limits", 16384, _integer(4096),
+       "mongrel2's limits.buffer_size: the largest request header block accepted.", "BYTES"),
+    _S("min_ping", "limits", 120, _integer(0),
+       "mongrel2's limits.min_ping: seconds before it reaps an idle connection (0: never).",
+       "S"),
+    _S("flow_control", "limits", True, _boolean,
+       "mongrel2's download.flow_control: streamed responses are paced by the client's "
+       "reading, keeping worker and mongrel2 memory bounded. Needs the dispatcher.", "BOOL"),
+    # -- logging
+    _S("access_log", "logging", "-", _text,
+       "Where the workers write the access log: a file, - for stderr, or '' for none.", "FILE"),
+    _S("access_log_format", "logging",
+       '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(L)s', _text,
+       "Access log line, in gunicorn's atoms: h remote address, t time, r request line, "
+       "s status, b bytes, f referer, a user agent, D/L duration in us/s, and more.",
+       "FORMAT"),
+    _S("log_level", "logging", "info", _choice("debug", "info", "warning", "error"),
+       "Level of the workers' and dispatcher's own log.", "LEVEL"),
+    # -- flapping (crash-loop) control
+    _S("flapping_attempts", "flapping", 3, _integer(1),
+       "A watcher whose processes crash this many times within flapping_window is stopped.",
+       "N"),
+    _S("flapping_window", "flapping", 5.0, _seconds(0.1),
+       "The window, in seconds, in which flapping_attempts crashes count as a crash loop.",
+       "S"),
+    _S("flapping_retry_in", "flapping", 5.0, _seconds(0),
+       "Seconds to wait before starting a stopped watcher again.", "S"),
+    _S("flapping_max_retry", "flapping", 2, _integer(0),
+       "Restarts tried after a crash loop before the watcher stays stopped.", "N"),
+)
+
+_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+class Settings:
+    """All options of one circus-wsgi deployment, converted and checked.
+
+    ``Settings(app="myapp:app", bind="0.0.0.0:8080", workers=4)``; unknown names
+    and bad values raise :class:`SettingsError`. Read values as attributes.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, **values: Any) -> None:
+        merged: dict[str, Any] = {}
+        for name, value in values.items():
+            setting = _BY_NAME.get(name)
+            if setting is None:
+                raise SettingsError(name, value, "no such setting (see circus-wsgi config --help)")
+            try:
+                merged[name] = setting.convert(value)
+            except ValueError as error:
+                raise SettingsError(name, value, str(error)) from None
+        for setting in SETTINGS:
+            merged.setdefault(setting.name, setting.default)
+        object.__setattr__(self, "_values", merged)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Rules that involve more than one setting."""
+        if self.mode == "direct" and self.flow_control:
+            raise SettingsError(
+                "flow_control", True,
+                "needs mode=dispatcher: in direct mode mongrel2 deals credit notices to "
+                "workers round-robin; set flow_control false")
+        if self.run_dir:
+            longest = os.path.join(self.run_dir, "dispatcher.sock")
+            if len(longest.encode()) > IPC_PATH_MAX - 8:
+                raise SettingsError(
+                    "run_dir", self.run_dir,
+                    f"too long for ipc sockets (keep it under {IPC_PATH_MAX - 30} bytes)")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"Settings has no setting {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Settings is immutable; use settings.replace(name=value)")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and other._values == self._values
+
+    def __repr__(self) -> str:
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.changed().items())
+        return f"Settings({changed})"
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return iter(self._values.items())
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some values changed (and checked again)."""
+        return Settings(**{**self.changed(), **changes})
+
+    def changed(self) -> dict[str, Any]:
+        """The values that differ from their defaults."""
+        return {s.name: self._values[s.name] for s in SETTINGS
+                if self._values[s.name] != s.default}
+
+    def with_defaults_resolved(self, run_dir: str) -> "Settings":
+        """Fill the defaults that depend on where the stack runs: run_dir and server_uuid."""
+        run_dir = self.run_dir or run_dir
+        server_uuid = self.server_uuid or str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"circus-wsgi:{self.bind}:{run_dir}"))
+        return self.replace(run_dir=run_dir, server_uuid=server_uuid)
+
+    def to_argv(self, names: Iterable[str] | None = None) -> list[str]:
+        """Command-line flags that rebuild these values (defaults left out).
+
+        ``names`` limits the flags to those settings; the app comes first, bare.
+        """
+        wanted = set(names) if names is not None else set(_BY_NAME)
+        argv: list[str] = []
+        if "app" in wanted and self.app:
+            argv.append(self.app)
+        for name, value in self.changed().items():
+            if name == "app" or name not in wanted:
+                continue
+            setting = _BY_NAME[name]
+            if setting.repeat:
+                for key, val in value:
+                    argv += [setting.flag, f"{key}={val}"]
+            else:
+                argv += [setting.flag, _render(value)]
+        return argv
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "Settings":
+        """Load a Python settings file that assigns ``settings = Settings(...)``."""
+        try:
+            namespace = runpy.run_path(str(path))
+        except FileNotFoundError:
+            raise SettingsError("settings", str(path), "file not found") from None
+        settings = namespace.get("settings")
+        if not isinstance(settings, Settings):
+            raise SettingsError("settings", str(path),
+                                "the file must assign settings = Settings(...)")
+        return settings
+
+    def write(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write config.sqlite, mongrel2.conf and circus.ini into ``directory``.
+
+        Returns their paths by name: ``{"config.sqlite": ..., "mongrel2.conf": ...,
+        "circus.ini": ...}``. run_dir defaults to ``directory/run``.
+        """
+        from .deploy import write_configs  # the generators import Settings
+
+        return write_configs(self, Path(directory))
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
