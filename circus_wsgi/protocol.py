@@ -159,3 +159,14 @@ def response(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]], body: bytes
 def close(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]]) -> bytes:
     """The message that makes mongrel2 close the connections."""
     return response(sender, conn_ids, b"")
+
+
+def is_smuggling_risk(message: Message) -> bool:
+    """True for a request carrying both Content-Length and Transfer-Encoding.
+
+    mongrel2 1.12 honours Content-Length and parses the rest of the body as a
+    new request on the same connection, so such a request must be refused
+    (400) and its connection closed.
+    """
+    headers = message.headers
+    return b"content-length" in headers and b"transfer-encoding" in headers

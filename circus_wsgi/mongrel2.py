@@ -1,0 +1,224 @@
+"""Settings -> mongrel2's configuration: ``config.sqlite`` and a readable ``mongrel2.conf``.
+
+Both files are rendered from one :class:`Mongrel2Config`, so they always say
+the same thing. The database is written with sqlite3 in the schema m2sh 1.12
+creates, with no NULLs (mongrel2 refuses to start on one). mongrel2 runs
+without chroot and with ``/`` as its working directory, so every path in the
+config is absolute, except directory bases, which mongrel2 wants relative and
+ending in ``/``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .rundir import RunDir
+from .settings import Settings
+
+#: mongrel2 resolves directory bases against its working directory.
+MONGREL2_WORKING_DIR = "/"
+
+SCHEMA = """
+CREATE TABLE server (id INTEGER PRIMARY KEY, uuid TEXT, access_log TEXT, error_log TEXT,
+    chroot TEXT DEFAULT '/var/www', pid_file TEXT, control_port TEXT DEFAULT '',
+    default_host TEXT, name TEXT DEFAULT '', bind_addr TEXT DEFAULT "0.0.0.0",
+    port INTEGER, use_ssl INTEGER default 0);
+CREATE TABLE host (id INTEGER PRIMARY KEY, server_id INTEGER, maintenance BOOLEAN DEFAULT 0,
+    name TEXT, matching TEXT);
+CREATE TABLE handler (id INTEGER PRIMARY KEY, send_spec TEXT, send_ident TEXT,
+    recv_spec TEXT, recv_ident TEXT, raw_payload INTEGER DEFAULT 0,
+    protocol TEXT DEFAULT 'json');
+CREATE TABLE proxy (id INTEGER PRIMARY KEY, addr TEXT, port INTEGER);
+CREATE TABLE directory (id INTEGER PRIMARY KEY, base TEXT, index_file TEXT,
+    default_ctype TEXT, cache_ttl INTEGER DEFAULT 0);
+CREATE TABLE route (id INTEGER PRIMARY KEY, path TEXT, reversed BOOLEAN DEFAULT 0,
+    host_id INTEGER, target_id INTEGER, target_type TEXT);
+CREATE TABLE setting (id INTEGER PRIMARY KEY, key TEXT, value TEXT);
+CREATE TABLE statistic (id SERIAL, other_type TEXT, other_id INTEGER, name TEXT, sum REAL,
+    sumsq REAL, n INTEGER, min REAL, max REAL, mean REAL, sd REAL,
+    primary key (other_type, other_id, name));
+CREATE TABLE mimetype (id INTEGER PRIMARY KEY, mimetype TEXT, extension TEXT);
+CREATE TABLE filter (id INTEGER PRIMARY KEY, server_id INTEGER, name TEXT, settings TEXT);
+CREATE TABLE xrequest (id INTEGER PRIMARY KEY, server_id INTEGER, name TEXT, settings TEXT);
+CREATE TABLE log(id INTEGER PRIMARY KEY, who TEXT, what TEXT, location TEXT,
+    happened_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, how TEXT, why TEXT);
+"""
+
+#: Extensions mongrel2 serves static files as; m2sh loads none by default.
+MIMETYPES = {
+    ".html": "text/html", ".htm": "text/html", ".css": "text/css",
+    ".js": "application/javascript", ".json": "application/json", ".txt": "text/plain",
+    ".xml": "application/xml", ".svg": "image/svg+xml", ".png": "image/png",
+    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".ico": "image/x-icon",
+    ".webp": "image/webp", ".woff": "font/woff", ".woff2": "font/woff2", ".pdf": "application/pdf",
+    ".wasm": "application/wasm", ".map": "application/json",
+}
+
+
+@dataclass(frozen=True)
+class Handler:
+    send_spec: str
+    send_ident: str
+    recv_spec: str
+    recv_ident: str = ""
+    protocol: str = "tnetstring"
+
+
+@dataclass(frozen=True)
+class Directory:
+    base: str
+    index_file: str = "index.html"
+    default_ctype: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Mongrel2Config:
+    """Everything mongrel2 is told, independent of the file format."""
+
+    uuid: str
+    bind_addr: str
+    port: int
+    access_log: str
+    error_log: str
+    pid_file: str
+    control_port: str
+    handler: Handler
+    handler_routes: tuple[str, ...]
+    directory_routes: tuple[tuple[str, Directory], ...]
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host_name(self) -> str:
+        return "localhost"
+
+
+def directory_base(path: str) -> str:
+    """A directory as mongrel2 wants it: relative to its working dir, ending in ``/``."""
+    relative = os.path.relpath(os.path.abspath(path), MONGREL2_WORKING_DIR)
+    return relative.rstrip("/") + "/"
+
+
+def mongrel2_config(settings: Settings) -> Mongrel2Config:
+    """What mongrel2 must be told for these (resolved) settings."""
+    run = RunDir(Path(settings.run_dir))
+    host, _, port = settings.bind.rpartition(":")
+    app_prefixes = ("/",) + tuple(prefix for prefix, _ in settings.mounts)
+    return Mongrel2Config(
+        uuid=settings.server_uuid,
+        bind_addr="127.0.0.1" if host == "localhost" else host,
+        port=int(port),
+        access_log=str(run.mongrel2_access_log),
+        error_log="/dev/stderr",
+        pid_file=str(run.mongrel2_pid_file),
+        control_port=run.mongrel2_control,
+        handler=Handler(
+            send_spec=settings.send_spec or run.mongrel2_send,
+            send_ident=settings.server_uuid,
+            recv_spec=settings.recv_spec or run.mongrel2_recv),
+        handler_routes=app_prefixes,
+        directory_routes=tuple((prefix if prefix.endswith("/") else prefix + "/",
+                                Directory(directory_base(path)))
+                               for prefix, path in settings.static),
+        settings={
+            "server.daemonize": "0",
+            "limits.content_length": str(settings.content_length),
+            "limits.buffer_size": str(settings.buffer_size),
+            "limits.min_ping": str(settings.min_ping),
+            "download.flow_control": "1" if settings.flow_control else "0",
+            "upload.temp_store": run.upload_template,
+            "upload.temp_store_mode": "0600",
+            "control_port": run.mongrel2_control,
+        },
+    )
+
+
+def write_sqlite(config: Mongrel2Config, path: Path) -> Path:
+    """Write ``config`` as a fresh mongrel2 config database at ``path``."""
+    path.unlink(missing_ok=True)
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA)
+        server = db.execute(
+            "INSERT INTO server (uuid, access_log, error_log, chroot, pid_file, control_port,"
+            " default_host, name, bind_addr, port, use_ssl) VALUES (?,?,?,?,?,?,?,?,?,?,0)",
+            (config.uuid, config.access_log, config.error_log, "", config.pid_file,
+             config.control_port, config.host_name, "circus-wsgi", config.bind_addr,
+             config.port)).lastrowid
+        host = db.execute(
+            "INSERT INTO host (server_id, maintenance, name, matching) VALUES (?,0,?,?)",
+            (server, config.host_name, config.host_name)).lastrowid
+        h = config.handler
+        handler = db.execute(
+            "INSERT INTO handler (send_spec, send_ident, recv_spec, recv_ident, raw_payload,"
+            " protocol) VALUES (?,?,?,?,0,?)",
+            (h.send_spec, h.send_ident, h.recv_spec, h.recv_ident, h.protocol)).lastrowid
+        for prefix in config.handler_routes:
+            db.execute("INSERT INTO route (path, reversed, host_id, target_id, target_type)"
+                       " VALUES (?,0,?,?,'handler')", (prefix, host, handler))
+        for prefix, directory in config.directory_routes:
+            target = db.execute(
+                "INSERT INTO directory (base, index_file, default_ctype, cache_ttl)"
+                " VALUES (?,?,?,0)",
+                (directory.base, directory.index_file, directory.default_ctype)).lastrowid
+            db.execute("INSERT INTO route (path, reversed, host_id, target_id, target_type)"
+                       " VALUES (?,0,?,?,'dir')", (prefix, host, target))
+        db.executemany("INSERT INTO setting (key, value) VALUES (?,?)",
+                       sorted(config.settings.items()))
+        db.executemany("INSERT INTO mimetype (mimetype, extension) VALUES (?,?)",
+                       [(mime, ext) for ext, mime in MIMETYPES.items()])
+    db.close()
+    return path
+
+
+def render_conf(config: Mongrel2Config) -> str:
+    """The same configuration in m2sh's ``.conf`` language, for people to read."""
+    h = config.handler
+    lines = [
+        "# Written by circus-wsgi from its Settings; config.sqlite holds the same.",
+        f"app = Handler(send_spec={h.send_spec!r}, send_ident={h.send_ident!r},",
+        f"              recv_spec={h.recv_spec!r}, recv_ident={h.recv_ident!r},",
+        f"              protocol={h.protocol!r})",
+    ]
+    routes = [f"    {prefix!r}: app," for prefix in config.handler_routes]
+    for number, (prefix, directory) in enumerate(config.directory_routes):
+        lines.append(f"static{number} = Dir(base={directory.base!r}, "
+                     f"index_file={directory.index_file!r}, "
+                     f"default_ctype={directory.default_ctype!r})")
+        routes.append(f"    {prefix!r}: static{number},")
+    lines += [
+        "",
+        "main = Server(",
+        f"    uuid={config.uuid!r},",
+        f"    access_log={config.access_log!r},",
+        f"    error_log={config.error_log!r},",
+        "    chroot='',",
+        f"    pid_file={config.pid_file!r},",
+        f"    control_port={config.control_port!r},",
+        f"    default_host={config.host_name!r},",
+        "    name='circus-wsgi',",
+        f"    bind_addr={config.bind_addr!r},",
+        f"    port={config.port},",
+        f"    hosts=[Host(name={config.host_name!r}, routes={{",
+        *routes,
+        "    })],",
+        ")",
+        "",
+        "settings = {",
+        *(f"    {key!r}: {value!r}," for key, value in sorted(config.settings.items())),
+        "}",
+        "",
+        "servers = [main]",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_mongrel2_config(settings: Settings, directory: Path) -> tuple[Path, Path]:
+    """Write ``config.sqlite`` and ``mongrel2.conf`` into ``directory``; return both paths."""
+    config = mongrel2_config(settings)
+    sqlite_path = write_sqlite(config, directory / "config.sqlite")
+    conf_path = directory / "mongrel2.conf"
+    conf_path.write_text(render_conf(config))
+    return sqlite_path, conf_path
