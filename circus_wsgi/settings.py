@@ -140,8 +140,14 @@ _directory_path.kind = "path"  # type: ignore[attr-defined]
 def _endpoint(value: Any) -> str:
     if value in ("", None):
         return ""
-    if not isinstance(value, str) or not re.match(r"^(ipc://.+|tcp://[^:]+:\d+)$", value):
+    match = isinstance(value, str) and re.match(r"^(?:ipc://(.+)|tcp://[^:]+:(\d+))$", value)
+    if not match:
         raise ValueError("must be ipc://PATH or tcp://HOST:PORT")
+    path, port = match.groups()
+    if path and len(path.encode()) > IPC_PATH_MAX:
+        raise ValueError(f"an ipc path may have at most {IPC_PATH_MAX} bytes")
+    if port and not 0 < int(port) < 65536:
+        raise ValueError("the port must be from 1 to 65535")
     return value
 
 
@@ -154,7 +160,10 @@ def _pairs(what: str, check_key: Callable[[str], str], check_value: Callable[[st
     def convert(value: Any) -> tuple[tuple[str, str], ...]:
         if isinstance(value, str):
             value = [value]
-        items = value.items() if isinstance(value, Mapping) else value
+        try:
+            items = list(value.items() if isinstance(value, Mapping) else value)
+        except TypeError:
+            raise ValueError(f"must be {what}") from None
         result = []
         for item in items:
             if isinstance(item, str):
@@ -174,8 +183,8 @@ def _pairs(what: str, check_key: Callable[[str], str], check_value: Callable[[st
 
 
 def _url_prefix(prefix: str) -> str:
-    if not prefix.startswith("/"):
-        raise ValueError("each URL prefix must start with /")
+    if not re.match(r"^/[^\s=(]*$", prefix):
+        raise ValueError("each URL prefix must start with / and hold no space, = or (")
     return prefix
 
 
@@ -183,6 +192,13 @@ def _existing_directory(path: str) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"directory {path} does not exist")
     return os.path.abspath(path)
+
+
+def _existing_directory_path(value: Any) -> str:
+    return _existing_directory(_directory_path(value))
+
+
+_existing_directory_path.kind = "existing directory"  # type: ignore[attr-defined]
 
 
 def _env_name(name: str) -> str:
@@ -254,7 +270,7 @@ SETTINGS: tuple[Setting, ...] = (
        "that returns it. Mounted at /.", "APP"),
     _S("mounts", "application", (), _pairs("PREFIX=APP", _url_prefix, _mount_app),
        "More applications, each mounted at a URL prefix (its SCRIPT_NAME).", "PREFIX=APP", True),
-    _S("chdir", "application", ".", _directory_path,
+    _S("chdir", "application", ".", _existing_directory_path,
        "Directory put first on sys.path and made the workers' working directory.", "DIR"),
     _S("env", "application", (), _pairs("NAME=VALUE", _env_name, _any),
        "Environment variables set for the workers.", "NAME=VALUE", True),
@@ -375,6 +391,13 @@ class Settings:
                 "flow_control", True,
                 "needs mode=dispatcher: in direct mode mongrel2 deals credit notices to "
                 "workers round-robin; set flow_control false")
+        routes = {"/"}  # the app's
+        for name in ("mounts", "static"):
+            for prefix, _ in self._values[name]:
+                route = prefix.rstrip("/") + "/"
+                if route in routes:
+                    raise SettingsError(name, prefix, "another route has this URL prefix")
+                routes.add(route)
         if self.run_dir:
             longest = os.path.join(self.run_dir, "dispatcher.sock")
             if len(longest.encode()) > IPC_PATH_MAX - 8:
@@ -434,16 +457,22 @@ class Settings:
                 for key, val in value:
                     argv += [setting.flag, f"{key}={val}"]
             else:
-                argv += [setting.flag, _render(value)]
+                text = _render(value)  # "--flag=-x": argparse takes a lone "-x" for a flag
+                argv += [f"{setting.flag}={text}"] if text.startswith("-") else [setting.flag, text]
         return argv
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "Settings":
         """Load a Python settings file that assigns ``settings = Settings(...)``."""
+        if not os.path.isfile(path):
+            raise SettingsError("settings", str(path), "file not found")
         try:
             namespace = runpy.run_path(str(path))
-        except FileNotFoundError:
-            raise SettingsError("settings", str(path), "file not found") from None
+        except SettingsError:
+            raise
+        except Exception as error:
+            raise SettingsError("settings", str(path),
+                                f"the file fails: {type(error).__name__}: {error}") from error
         settings = namespace.get("settings")
         if not isinstance(settings, Settings):
             raise SettingsError("settings", str(path),
