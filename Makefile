@@ -14,8 +14,7 @@ test: deps
 	$(VENV)/bin/python -m pytest
 
 docs: deps
-	$(VENV)/bin/python -m pip install -q -e '.[docs]'
-	$(VENV)/bin/sphinx-build -q -W -b html docs docs/_build/html
+	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 
 system-deps:
 	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null || { \
