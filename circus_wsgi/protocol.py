@@ -17,7 +17,8 @@ from typing import Iterable, Union
 
 import tnetstring
 
-__all__ = ["Kind", "Message", "ProtocolError", "parse", "response", "close", "MAX_TARGETS"]
+__all__ = ["Kind", "Message", "ProtocolError", "parse", "response", "close", "is_smuggling_risk",
+           "MAX_TARGETS"]
 
 #: mongrel2's limits.handler_targets: ids one response message may address.
 MAX_TARGETS = 128
@@ -60,7 +61,11 @@ class Message:
 
     @property
     def upload_path(self) -> bytes | None:
-        """The temp file of an upload, once start and done agree (else None)."""
+        """The temp file of an upload, once start and done agree (else None).
+
+        Clients can forge the upload headers: check that the path is in
+        mongrel2's upload directory before touching the file.
+        """
         start = self.headers.get(UPLOAD_START)
         return start if start is not None and start == self.headers.get(UPLOAD_DONE) else None
 
@@ -103,11 +108,13 @@ def parse(data: bytes, protocol: str = "tnetstring") -> Message:
 def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: str) -> dict:
     try:
         if protocol == "json":
-            loaded = json.loads(data[start:end])
+            # mongrel2 writes header bytes into the JSON unescaped: decoding as
+            # latin-1 maps each byte to one character and back, so it is byte-safe.
+            loaded = json.loads(data[start:end].decode("latin-1"))
             headers = {_latin1(k): _json_value(v) for k, v in loaded.items()}
         else:
             headers = tnetstring.loads(data[offset:end + 1])
-    except (ValueError, TypeError, AttributeError, UnicodeError) as error:
+    except (ValueError, TypeError, AttributeError, UnicodeError, RecursionError) as error:
         raise ProtocolError(f"bad headers: {error}") from None
     if not isinstance(headers, dict) or not isinstance(headers.get(b"METHOD"), bytes):
         raise ProtocolError("headers are not a dict with a METHOD")
@@ -139,8 +146,11 @@ def _classify(headers: dict, body: bytes) -> Kind:
         if kind == "credits":
             return Kind.CREDITS
         return Kind.REQUEST  # a client's own METHOD=JSON request goes to the app
-    if UPLOAD_START in headers:
-        return Kind.UPLOAD_DONE if UPLOAD_DONE in headers else Kind.UPLOAD_START
+    start = headers.get(UPLOAD_START)
+    if start is not None:
+        # A client can send these headers itself; mongrel2 overwrites them on a
+        # real upload, but a forged done beside a real start differs from it.
+        return Kind.UPLOAD_DONE if start == headers.get(UPLOAD_DONE) else Kind.UPLOAD_START
     return Kind.REQUEST
 
 
@@ -162,11 +172,23 @@ def close(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]]) -> bytes:
 
 
 def is_smuggling_risk(message: Message) -> bool:
-    """True for a request carrying both Content-Length and Transfer-Encoding.
+    """True for a request whose body mongrel2 may frame differently from the client.
 
-    mongrel2 1.12 honours Content-Length and parses the rest of the body as a
-    new request on the same connection, so such a request must be refused
-    (400) and its connection closed.
+    mongrel2 1.12 reads the first Content-Length with ``strtol`` and honours it
+    even beside Transfer-Encoding, and treats any Transfer-Encoding other than
+    exactly ``chunked`` as no body; the rest of the bytes are then parsed as a
+    new request on the same connection. So a request is refused (400, then its
+    connection closed) when it carries both headers, a repeated one, a
+    Content-Length that is not all digits, or a Transfer-Encoding that is not
+    ``chunked``.
     """
     headers = message.headers
-    return b"content-length" in headers and b"transfer-encoding" in headers
+    length = headers.get(b"content-length")
+    coding = headers.get(b"transfer-encoding")
+    if length is not None and coding is not None:
+        return True
+    if isinstance(length, list) or isinstance(coding, list):
+        return True
+    if length is not None and not length.isdigit():
+        return True
+    return coding is not None and coding != b"chunked"
