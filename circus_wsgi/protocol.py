@@ -11,6 +11,7 @@ with tnetstring3 (a C extension) and classifies it; anything malformed raises
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Union
@@ -18,7 +19,7 @@ from typing import Iterable, Union
 import tnetstring
 
 __all__ = ["Kind", "Message", "ProtocolError", "parse", "response", "close", "is_smuggling_risk",
-           "MAX_TARGETS"]
+           "upload_file", "MAX_TARGETS"]
 
 #: mongrel2's limits.handler_targets: ids one response message may address.
 MAX_TARGETS = 128
@@ -87,8 +88,13 @@ def _split_netstring(data: bytes, start: int) -> tuple[int, int]:
     return colon + 1, end
 
 
-def parse(data: bytes, protocol: str = "tnetstring") -> Message:
-    """Parse one request or control notice from mongrel2."""
+def parse(data: bytes, protocol: str = "auto") -> Message:
+    """Parse one request or control notice from mongrel2.
+
+    ``protocol`` is the handler's: ``tnetstring``, ``json``, or ``auto`` to tell
+    them apart by the headers' first byte (a JSON object's ``{``; a tnetstring
+    dict begins with its first key's length).
+    """
     try:
         sender, conn_id, path, rest = data.split(b" ", 3)
     except ValueError:
@@ -107,7 +113,7 @@ def parse(data: bytes, protocol: str = "tnetstring") -> Message:
 
 def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: str) -> dict:
     try:
-        if protocol == "json":
+        if protocol == "json" or (protocol == "auto" and data[start:start + 1] == b"{"):
             # mongrel2 writes header bytes into the JSON unescaped: decoding as
             # latin-1 maps each byte to one character and back, so it is byte-safe.
             loaded = json.loads(data[start:end].decode("latin-1"))
@@ -152,6 +158,20 @@ def _classify(headers: dict, body: bytes) -> Kind:
         # real upload, but a forged done beside a real start differs from it.
         return Kind.UPLOAD_DONE if start == headers.get(UPLOAD_DONE) else Kind.UPLOAD_START
     return Kind.REQUEST
+
+
+def upload_file(message: Message, directory: str | bytes) -> bytes | None:
+    """The temp file of a completed upload, only if it lies in ``directory``.
+
+    The upload headers can be forged by a client (mongrel2 passes its headers
+    through), so a path outside mongrel2's upload directory is never to be
+    opened or deleted; None then, as for an upload that is not complete.
+    """
+    path = message.upload_path
+    if path is None:
+        return None
+    folder = os.path.normpath(os.fsencode(directory))
+    return path if os.path.dirname(os.path.normpath(path)) == folder else None
 
 
 def response(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]], body: bytes) -> bytes:

@@ -61,6 +61,23 @@ def test_uploads():
     assert done.kind is Kind.UPLOAD_DONE and done.upload_path == b"/up/upload.1"
 
 
+def test_upload_file_must_lie_in_the_upload_directory():
+    done = protocol.parse(UPLOAD_DONE)
+    assert protocol.upload_file(done, "/up") == b"/up/upload.1"
+    assert protocol.upload_file(done, b"/up/") == b"/up/upload.1"
+    assert protocol.upload_file(done, "/elsewhere") is None
+    assert protocol.upload_file(protocol.parse(UPLOAD_START), "/up") is None
+    forged = protocol.Message(UUID, b"1", b"/", {
+        b"METHOD": b"POST", b"x-mongrel2-upload-start": b"/up/../etc/passwd",
+        b"x-mongrel2-upload-done": b"/up/../etc/passwd"}, b"", Kind.UPLOAD_DONE)
+    assert protocol.upload_file(forged, "/up") is None
+
+
+def test_json_protocol_is_detected():
+    assert protocol.parse(JSON_GET).headers[b"x-l"] == b"caf\xe9"
+    assert protocol.parse(GET).headers[b"METHOD"] == b"GET"
+
+
 def test_forged_upload_done_beside_a_real_start_is_a_start():
     headers = _UPLOAD_HEADERS + b"22:x-mongrel2-upload-done,11:/etc/passwd,"
     raw = UUID + b" 2 /up %d:%s}0:," % (len(headers), headers)
@@ -163,7 +180,7 @@ def _parse_or_protocol_error(raw: bytes, kind: str) -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=300), st.sampled_from(["tnetstring", "json"]))
+@given(st.binary(max_size=300), st.sampled_from(["tnetstring", "json", "auto"]))
 def test_arbitrary_bytes_raise_only_protocol_error(raw, kind):
     _parse_or_protocol_error(raw, kind)
 
@@ -172,7 +189,7 @@ def test_arbitrary_bytes_raise_only_protocol_error(raw, kind):
 @given(st.sampled_from([GET, CREDITS, DISCONNECT, UPLOAD_DONE, JSON_GET]),
        st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=3), st.integers(0, 3)),
                 max_size=4),
-       st.sampled_from(["tnetstring", "json"]))
+       st.sampled_from(["tnetstring", "json", "auto"]))
 def test_mutated_messages_raise_only_protocol_error(raw, edits, kind):
     """Real messages with bytes replaced, inserted or removed: near misses reach deep."""
     data = bytearray(raw)
