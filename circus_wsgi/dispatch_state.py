@@ -1,0 +1,84 @@
+"""What the dispatcher knows: waiting and in-flight requests, workers, counters.
+
+Plain records, no I/O; :class:`Counters` turns them into the JSON that
+``circus-wsgi status`` prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import zmq
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request waiting for a worker."""
+
+    conn_id: bytes
+    sender: bytes
+    frame: zmq.Frame  # the request as mongrel2 sent it, forwarded without a copy
+    arrived: float
+    upload_path: bytes | None = None
+    cancelled: bool = False  # its client went away while it waited
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A request handed to a worker and not yet DONE."""
+
+    worker: bytes
+    pending: Pending
+    dispatched: float
+    started: bool = False  # the response has begun: timeout no longer applies
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """One connected worker process."""
+
+    pid: int
+    pidfd: int | None
+    free: int = 0
+    held: set = field(default_factory=set)
+    leaving: bool = False  # said LEAVING: takes nothing new
+    doomed: bool = False  # killed for a stuck request: takes nothing new
+    dispatched: int = 0
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def takes_work(self) -> bool:
+        return not self.leaving and not self.doomed and self.free > 0
+
+
+@dataclass
+class Counters:
+    """Totals since the dispatcher started."""
+
+    completed: int = 0
+    malformed: int = 0
+    failures: Counter = field(default_factory=Counter)  # "503 queue full" -> count
+
+    def count_failure(self, reason: str) -> None:
+        self.failures[reason] += 1
+
+    def snapshot(self, queue: Iterable[Any], workers: Mapping[bytes, WorkerState],
+                 in_flight: Mapping[bytes, InFlight]) -> dict[str, Any]:
+        """The counters and the current state, as JSON-ready data."""
+        return {
+            "queue": sum(1 for pending in queue if not pending.cancelled),
+            "in_flight": len(in_flight),
+            "busy_workers": sum(1 for w in workers.values() if w.held),
+            "idle_workers": sum(1 for w in workers.values() if not w.held),
+            "completed": self.completed,
+            "malformed": self.malformed,
+            "failures": dict(self.failures),
+            "workers": {
+                str(w.pid): {"free": w.free, "holding": len(w.held), "leaving": w.leaving,
+                             "dispatched": w.dispatched, "completed": w.completed,
+                             "failed": w.failed}
+                for w in workers.values()},
+        }

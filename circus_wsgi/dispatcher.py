@@ -1,0 +1,465 @@
+"""The dispatcher: the one reader of mongrel2's requests and writer of its responses.
+
+It hands a request only to a worker that announced a free slot (least
+recently freed slot first), keeps waiting requests in arrival order, routes
+disconnect and credits notices to the worker holding the connection, and
+answers for the application when it cannot: 400 for a smuggling attempt, 413
+for a body over max_body_size, 502 when the worker holding a request died, 503
+when no worker takes a request within queue_timeout or the queue is full, 504
+(and the worker is killed) when a response has not started within timeout.
+
+Protocol with the workers: :mod:`circus_wsgi.dispatch_protocol`. Counters for
+``circus-wsgi status``: :mod:`circus_wsgi.dispatch_state` over a REP socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import deque
+from pathlib import Path
+
+import zmq
+
+from . import dispatch_protocol as dp
+from .dispatch_state import Counters, InFlight, Pending, WorkerState
+from .exits import EXIT_OK, STUCK_SIGNAL
+from .httpmsg import error_response
+from .lifeline import die_with_parent
+from .protocol import Kind, Message, ProtocolError, close, is_smuggling_risk, parse, response
+from .rundir import RunDir
+from .settings import Settings
+
+log = logging.getLogger("circus_wsgi.dispatcher")
+
+#: Messages taken from one socket per poll wake-up before looking at the others.
+BATCH = 256
+#: How often queue and request deadlines are checked, in seconds.
+TICK = 0.1
+
+
+class Dispatcher:
+    """The broker loop between mongrel2 and the workers. One per stack."""
+
+    def __init__(self, settings: Settings, context: zmq.Context | None = None) -> None:
+        self.settings = settings
+        run = RunDir(Path(settings.run_dir))
+        self.context = context or zmq.Context.instance()
+        self.requests = self._socket(zmq.PULL, connect=settings.send_spec or run.mongrel2_send)
+        self.responses = self._socket(zmq.PUB, connect=settings.recv_spec or run.mongrel2_recv)
+        self.workers_socket = self._socket(zmq.ROUTER, bind=run.dispatcher)
+        self.workers_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.status_socket = self._socket(zmq.REP, bind=run.dispatcher_status)
+        self.workers: dict[bytes, WorkerState] = {}
+        self.slots: deque[bytes] = deque()  # one entry per free worker slot, oldest first
+        self.queue: deque[Pending] = deque()
+        self.behind: dict[bytes, deque[Pending]] = {}  # pipelined, behind an in-flight request
+        self.in_flight: dict[bytes, InFlight] = {}
+        self.uploads: dict[bytes, bytes] = {}  # conn_id -> temp file still being uploaded
+        self.refused: dict[bytes, float] = {}  # conn_id -> until when its requests are dropped
+        self.counters = Counters()
+        self.poller = zmq.Poller()
+        for sock in (self.requests, self.workers_socket, self.status_socket):
+            self.poller.register(sock, zmq.POLLIN)
+        self.pidfds: dict[int, bytes] = {}  # pidfd -> worker identity
+        self.stopping = False
+
+    def _socket(self, kind: int, *, bind: str = "", connect: str = "") -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)  # never drop a response or a request on a full pipe
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if bind:
+            path = bind[len("ipc://"):] if bind.startswith("ipc://") else ""
+            if path and os.path.exists(path):
+                os.unlink(path)  # a stale socket file from a dispatcher that was killed
+            sock.bind(bind)
+        else:
+            sock.connect(connect)
+        return sock
+
+    # ----------------------------------------------------------------- loop
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then hand back what is held and exit 0."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_signal)
+        self.poller.register(wake_r, zmq.POLLIN)
+        log.info("dispatcher %d ready: %s", os.getpid(), self.settings.run_dir)
+        next_tick = next_beat = time.monotonic()
+        deadline = None
+        while True:
+            now = time.monotonic()
+            if self.stopping:
+                deadline = deadline or self._begin_stop(now)
+                if not self.in_flight or now >= deadline:
+                    break
+            wait = max(0.0, min(next_tick, next_beat) - now)
+            for sock, _ in self.poller.poll(wait * 1000):
+                if sock is self.requests:
+                    self._drain(self.requests, self._on_mongrel2)
+                elif sock is self.workers_socket:
+                    self._drain(self.workers_socket, self._on_worker)
+                elif sock is self.status_socket:
+                    self._answer_status()
+                elif sock == wake_r:
+                    os.read(wake_r, 512)
+                else:
+                    self._on_worker_exit(sock)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._expire(now)
+                next_tick = now + TICK
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = now + dp.HEARTBEAT_INTERVAL
+        self._finish()
+        os.close(wake_r)
+        os.close(wake_w)
+        return EXIT_OK
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.stopping and signum != signal.SIGTERM:
+            raise SystemExit(EXIT_OK)  # a second Ctrl-C: stop at once
+        self.stopping = True
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    # ---------------------------------------------------- from mongrel2
+
+    def _on_mongrel2(self, frames: list[zmq.Frame]) -> None:
+        raw = frames[0].bytes
+        try:
+            message = parse(raw)
+        except ProtocolError as error:
+            self.counters.malformed += 1
+            log.warning("malformed message from mongrel2 (%s): %r", error, raw[:120])
+            return
+        kind = message.kind
+        conn = message.conn_id
+        if kind is Kind.REQUEST or kind is Kind.UPLOAD_DONE:
+            self.uploads.pop(conn, None)
+            self._on_request(message, frames[0])
+        elif kind is Kind.CREDITS:
+            self._notify_holder(conn, frames[0])
+        elif kind is Kind.DISCONNECT:
+            self._on_disconnect(message, frames[0])
+        else:  # UPLOAD_START: the body is still arriving; the request waits for done
+            if self._refuse(message):
+                self._remove_file(message.headers.get(b"x-mongrel2-upload-start"))
+            else:
+                self.uploads[conn] = message.headers[b"x-mongrel2-upload-start"]
+
+    def _on_request(self, message: Message, frame: zmq.Frame) -> None:
+        conn = message.conn_id
+        if conn in self.refused:
+            self._remove_file(message.upload_path)
+            return
+        if self._refuse(message):
+            self._remove_file(message.upload_path)
+            return
+        pending = Pending(conn, message.sender, frame, time.monotonic(), message.upload_path)
+        if conn in self.in_flight or conn in self.behind:
+            self.behind.setdefault(conn, deque()).append(pending)  # keep pipelined order
+            return
+        if len(self.queue) >= self.settings.max_queue:
+            self._answer(pending, 503, "queue full", retry_after=True)
+            return
+        self.queue.append(pending)
+        self._dispatch()
+
+    def _refuse(self, message: Message) -> bool:
+        """Answer 400 or 413 for a request that must not reach the app; True if refused."""
+        if is_smuggling_risk(message):
+            status, reason = 400, "Content-Length with Transfer-Encoding"
+        elif self._too_large(message):
+            status, reason = 413, "body over max_body_size"
+        else:
+            return False
+        self.refused[message.conn_id] = time.monotonic() + 2.0  # drop what follows on it
+        self._send_error(message.sender, message.conn_id, status, reason)
+        return True
+
+    def _too_large(self, message: Message) -> bool:
+        limit = self.settings.max_body_size
+        length = message.headers.get(b"content-length")
+        return bool(limit) and isinstance(length, bytes) and length.isdigit() \
+            and int(length) > limit
+
+    def _on_disconnect(self, message: Message, frame: zmq.Frame) -> None:
+        conn = message.conn_id
+        self._remove_file(self.uploads.pop(conn, None))
+        self.refused.pop(conn, None)
+        for pending in self.behind.pop(conn, ()):
+            pending.cancelled = True
+        for pending in self.queue:
+            if pending.conn_id == conn:
+                pending.cancelled = True
+        self._notify_holder(conn, frame)
+
+    def _notify_holder(self, conn: bytes, frame: zmq.Frame) -> None:
+        flight = self.in_flight.get(conn)
+        if flight is not None:
+            self._send_worker(flight.worker, dp.NOTICE, frame)
+
+    # ------------------------------------------------------ dispatching
+
+    def _dispatch(self) -> None:
+        """Hand queued requests to free slots, oldest request to least recently freed slot."""
+        queue, slots, workers = self.queue, self.slots, self.workers
+        while queue and slots:
+            pending = queue.popleft()
+            if pending.cancelled:
+                continue
+            while slots:
+                identity = slots.popleft()
+                worker = workers.get(identity)
+                if worker is None or not worker.takes_work:
+                    continue
+                if self._send_worker(identity, dp.REQUEST, pending.frame):
+                    worker.free -= 1
+                    worker.dispatched += 1
+                    self.in_flight[pending.conn_id] = InFlight(identity, pending,
+                                                               time.monotonic())
+                    worker.held.add(pending.conn_id)
+                    break
+            else:
+                queue.appendleft(pending)
+
+    def _send_worker(self, identity: bytes, command: bytes, *frames: object) -> bool:
+        try:
+            self.workers_socket.send_multipart((identity, command, *frames), copy=False)
+            return True
+        except zmq.ZMQError as error:  # EHOSTUNREACH: that worker is gone
+            if identity in self.workers:
+                log.warning("worker %s unreachable (%s)", self.workers[identity].pid, error)
+                self._worker_gone(identity, "worker unreachable")
+            return False
+
+    # ------------------------------------------------------ from workers
+
+    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        command = frames[1].bytes
+        if command == dp.DONE or command == dp.REPLY:
+            for frame in frames[3:]:
+                self.responses.send(frame, copy=False)
+            conn = frames[2].bytes
+            if command == dp.DONE:
+                self._on_done(identity, conn)
+            else:
+                flight = self.in_flight.get(conn)
+                if flight is not None:
+                    flight.started = True
+        elif command == dp.READY:
+            self._on_ready(identity, int(frames[2].bytes), int(frames[3].bytes))
+        elif command == dp.LEAVING:
+            worker = self.workers.get(identity)
+            if worker is not None:
+                worker.leaving = True
+                log.info("worker %d leaving with %d requests", worker.pid, len(worker.held))
+            self._send_worker(identity, dp.BYE)
+        else:
+            self.counters.malformed += 1
+            log.warning("unknown command %r from a worker", command)
+
+    def _on_ready(self, identity: bytes, pid: int, free: int) -> None:
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = WorkerState(pid=pid, pidfd=self._watch(pid, identity))
+            self.workers[identity] = worker
+            log.info("worker %d ready with %d slots", pid, free)
+        worker.leaving = False
+        worker.free = free
+        self._rebuild_slots()
+        self._dispatch()
+
+    def _watch(self, pid: int, identity: bytes) -> int | None:
+        """A pidfd that becomes readable when the worker exits (None if not visible here)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        self.pidfds[pidfd] = identity
+        self.poller.register(pidfd, zmq.POLLIN)
+        return pidfd
+
+    def _on_done(self, identity: bytes, conn: bytes) -> None:
+        worker = self.workers.get(identity)
+        flight = self.in_flight.get(conn)
+        if flight is not None and flight.worker == identity:
+            del self.in_flight[conn]
+            self.counters.completed += 1
+            if worker is not None:
+                worker.held.discard(conn)
+                worker.completed += 1
+            self._release_behind(conn)
+        if worker is not None and not worker.leaving and not worker.doomed:
+            worker.free += 1
+            self.slots.append(identity)
+        self._dispatch()
+
+    def _release_behind(self, conn: bytes) -> None:
+        """The next pipelined request of a connection goes to the head of the queue."""
+        waiting = self.behind.get(conn)
+        while waiting:
+            pending = waiting.popleft()
+            if not pending.cancelled:
+                self.queue.appendleft(pending)
+                break
+        if not waiting:
+            self.behind.pop(conn, None)
+
+    # ------------------------------------------------- failures and time
+
+    def _on_worker_exit(self, pidfd: int) -> None:
+        identity = self.pidfds.get(pidfd)
+        if identity is not None:
+            self._worker_gone(identity, "worker died")
+
+    def _worker_gone(self, identity: bytes, reason: str) -> None:
+        """Answer 502 for every request the worker held; forget it."""
+        worker = self.workers.pop(identity)
+        if worker.pidfd is not None:
+            self.poller.unregister(worker.pidfd)
+            del self.pidfds[worker.pidfd]
+            os.close(worker.pidfd)
+        for conn in list(worker.held):
+            flight = self.in_flight.pop(conn, None)
+            if flight is None:
+                continue
+            worker.failed += 1
+            if flight.started:  # headers went out: all we can do is close
+                self.responses.send(close(flight.pending.sender, conn))
+                self.counters.count_failure("closed: " + reason)
+            else:
+                self._answer(flight.pending, 502, reason)
+            for pending in self.behind.pop(conn, ()):
+                pending.cancelled = True
+        log.warning("%s: worker %d, %d requests answered", reason, worker.pid, len(worker.held))
+        self._rebuild_slots()
+        self._dispatch()
+
+    def _rebuild_slots(self) -> None:
+        """One slot entry per free slot of each worker that takes work, keeping LRU order."""
+        seen: dict[bytes, int] = {}
+        kept: deque[bytes] = deque()
+        for identity in self.slots:
+            worker = self.workers.get(identity)
+            if worker is not None and worker.takes_work and seen.get(identity, 0) < worker.free:
+                seen[identity] = seen.get(identity, 0) + 1
+                kept.append(identity)
+        for identity, worker in self.workers.items():
+            if worker.takes_work:
+                kept.extend([identity] * (worker.free - seen.get(identity, 0)))
+        self.slots = kept
+
+    def _expire(self, now: float) -> None:
+        queue_limit = now - self.settings.queue_timeout
+        while self.queue and (self.queue[0].cancelled or self.queue[0].arrived < queue_limit):
+            pending = self.queue.popleft()
+            if not pending.cancelled:
+                self._answer(pending, 503, "no worker took it in queue_timeout",
+                             retry_after=True)
+        stuck_limit = now - self.settings.timeout
+        for conn, flight in list(self.in_flight.items()):
+            if not flight.started and flight.dispatched < stuck_limit:
+                self._on_stuck(conn, flight)
+        for conn in [c for c, until in self.refused.items() if until < now]:
+            del self.refused[conn]
+
+    def _on_stuck(self, conn: bytes, flight: InFlight) -> None:
+        worker = self.workers.get(flight.worker)
+        del self.in_flight[conn]
+        self._answer(flight.pending, 504, "response not started within timeout")
+        if worker is None:
+            return
+        worker.held.discard(conn)
+        worker.failed += 1
+        if not worker.doomed:
+            worker.doomed = True
+            log.error("worker %d stuck for %.0fs on a request: killing it", worker.pid,
+                      self.settings.timeout)
+            try:
+                os.kill(worker.pid, STUCK_SIGNAL)
+            except ProcessLookupError:
+                pass
+            self._rebuild_slots()
+
+    def _heartbeat(self) -> None:
+        for identity in list(self.workers):
+            self._send_worker(identity, dp.HEARTBEAT)
+
+    # ------------------------------------------------------ answering
+
+    def _answer(self, pending: Pending, status: int, reason: str, *,
+                retry_after: bool = False) -> None:
+        self._remove_file(pending.upload_path)
+        self._send_error(pending.sender, pending.conn_id, status, reason, retry_after)
+        for later in self.behind.pop(pending.conn_id, ()):
+            later.cancelled = True
+
+    def _send_error(self, sender: bytes, conn: bytes, status: int, reason: str,
+                    retry_after: bool = False) -> None:
+        headers = ((b"Retry-After", b"1"),) if retry_after else ()
+        self.responses.send(response(sender, conn, error_response(status, headers=headers)))
+        self.responses.send(close(sender, conn))
+        self.counters.count_failure(f"{status} {reason}")
+        log.warning("%d for connection %s: %s", status, conn.decode(), reason)
+
+    @staticmethod
+    def _remove_file(path: bytes | None) -> None:
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _answer_status(self) -> None:
+        self.status_socket.recv()
+        self.status_socket.send_json(self.counters.snapshot(self.queue, self.workers,
+                                                            self.in_flight))
+
+    # ------------------------------------------------------ stopping
+
+    def _begin_stop(self, now: float) -> float:
+        """Stop taking requests; answer the queued ones; give in-flight ones time to finish."""
+        log.info("dispatcher stopping: %d queued, %d in flight", len(self.queue),
+                 len(self.in_flight))
+        self.poller.unregister(self.requests)
+        self.requests.close(linger=0)
+        while self.queue:
+            pending = self.queue.popleft()
+            if not pending.cancelled:
+                self._answer(pending, 503, "dispatcher stopping", retry_after=True)
+        for waiting in self.behind.values():
+            for pending in waiting:
+                pending.cancelled = True
+        return now + min(self.settings.graceful_timeout, 10.0)
+
+    def _finish(self) -> None:
+        for conn, flight in self.in_flight.items():
+            self.responses.send(close(flight.pending.sender, conn))
+        for pidfd in self.pidfds:
+            os.close(pidfd)
+        for sock in (self.responses, self.workers_socket, self.status_socket):
+            sock.close(linger=1000)
+        log.info("dispatcher %d stopped", os.getpid())
+
+
+def run_dispatcher(settings: Settings) -> int:
+    """Entry point of ``circus-wsgi dispatcher``: run until stopped; return the exit status."""
+    die_with_parent()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(message)s")
+    return Dispatcher(settings).run()

@@ -1,0 +1,331 @@
+"""The dispatcher process on its own: scripted mongrel2 and worker peers, exact checks.
+
+The real dispatcher runs as a subprocess; the test plays mongrel2 (a PUSH and a
+SUB socket bound where mongrel2 binds them) and the workers (DEALER sockets
+speaking dispatch_protocol), so every routing rule is checked message by
+message. The stack with the real mongrel2 and workers is in
+test_dispatcher_stack.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tnetstring
+import zmq
+
+from circus_wsgi import dispatch_protocol as dp
+from circus_wsgi.exits import STUCK_SIGNAL
+from circus_wsgi.protocol import parse
+from circus_wsgi.rundir import RunDir
+from circus_wsgi.settings import Settings
+from circus_wsgi.status import read_status
+
+SENDER = b"f400bf85-4538-4f7a-8908-67e313d515c2"
+WAIT_MS = 3000
+
+
+def request_bytes(conn: int, path: bytes = b"/", headers: dict | None = None,
+                  body: bytes = b"") -> bytes:
+    fields = {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1", b"PATH": path, b"URI": path,
+              b"PATTERN": b"/", b"host": b"localhost"}
+    fields.update(headers or {})
+    return b"%s %d %s %s%d:%s," % (SENDER, conn, path, tnetstring.dumps(fields), len(body), body)
+
+
+def notice_bytes(conn: int, kind: str, credits: int = 0) -> bytes:
+    headers = {b"METHOD": b"JSON"}
+    if credits:
+        headers[b"DOWNLOAD_CREDITS"] = str(credits).encode()
+    body = json.dumps({"type": kind}).encode()
+    return b"%s %d @* %s%d:%s," % (SENDER, conn, tnetstring.dumps(headers), len(body), body)
+
+
+class Mongrel2Peer:
+    """Plays mongrel2's two handler sockets."""
+
+    def __init__(self, context: zmq.Context, run: RunDir) -> None:
+        self.push = context.socket(zmq.PUSH)
+        self.push.bind(run.mongrel2_send)
+        self.sub = context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.bind(run.mongrel2_recv)
+
+    def attend(self, seconds: float) -> None:
+        """Poll the SUB socket for a while, as mongrel2 does all the time.
+
+        A bound SUB sends its subscription to a newly connected PUB only when its
+        owner polls it; until then the dispatcher's responses are dropped.
+        """
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert not self.sub.poll(10), "a response came before any request"
+
+    def send(self, data: bytes) -> None:
+        self.push.send(data)
+
+    def receive(self, timeout_ms: int = WAIT_MS) -> tuple[bytes, bytes]:
+        """(connection ids, body) of the next response message."""
+        assert self.sub.poll(timeout_ms), "no response reached mongrel2"
+        data = self.sub.recv()
+        sender, rest = data.split(b" ", 1)
+        assert sender == SENDER
+        length, rest = rest.split(b":", 1)
+        ids, body = rest[:int(length)], rest[int(length) + 2:]
+        return ids, body
+
+    def receive_error(self, conn: int) -> bytes:
+        """The status line of a canned error for ``conn``, checking the close after it."""
+        ids, body = self.receive()
+        assert ids == str(conn).encode()
+        ids, closing = self.receive()
+        assert (ids, closing) == (str(conn).encode(), b"")
+        return body.split(b"\r\n", 1)[0]
+
+    def silent(self, timeout_ms: int = 300) -> bool:
+        return not self.sub.poll(timeout_ms)
+
+
+class WorkerPeer:
+    """Plays one worker: a DEALER that announces a pid and free slots."""
+
+    def __init__(self, context: zmq.Context, run: RunDir, pid: int, free: int = 1) -> None:
+        self.pid = pid
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.connect(run.dispatcher)
+        self.sock.send_multipart([dp.READY, str(pid).encode(), str(free).encode()])
+
+    def next(self, timeout_ms: int = WAIT_MS) -> list[bytes]:
+        """The next message that is not a heartbeat."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.sock.poll(left * 1000), f"worker {self.pid} got nothing"
+            frames = self.sock.recv_multipart()
+            if frames[0] != dp.HEARTBEAT:
+                return frames
+
+    def take(self) -> bytes:
+        """The connection id of the next request handed to this worker."""
+        command, data = self.next()
+        assert command == dp.REQUEST
+        return parse(data).conn_id
+
+    def idle(self, timeout_ms: int = 400) -> bool:
+        try:
+            self.next(timeout_ms)
+        except AssertionError:
+            return True
+        return False
+
+    def done(self, conn: bytes, body: bytes = b"HTTP/1.1 200 OK\r\n\r\n") -> None:
+        m2 = b"%s %d:%s, %s" % (SENDER, len(conn), conn, body)
+        self.sock.send_multipart([dp.DONE, conn, m2])
+
+
+@pytest.fixture
+def stack(run_dir: Path):
+    """A dispatcher subprocess between a scripted mongrel2 and scripted workers."""
+    run = RunDir(run_dir).create()
+    context = zmq.Context()
+    mongrel2 = Mongrel2Peer(context, run)
+    settings = Settings(run_dir=str(run_dir), queue_timeout=1, timeout=1, max_queue=3,
+                        max_body_size=1000)
+    process = subprocess.Popen([sys.executable, "-m", "circus_wsgi", "dispatcher",
+                                *settings.to_argv()])
+    deadline = time.monotonic() + 10
+    while not os.path.exists(run.dispatcher[len("ipc://"):]):
+        assert time.monotonic() < deadline and process.poll() is None, "dispatcher did not start"
+        time.sleep(0.02)
+    mongrel2.attend(0.2)
+    helpers = []
+
+    def worker(free: int = 1, pid: int | None = None) -> WorkerPeer:
+        if pid is None:
+            helper = subprocess.Popen(["sleep", "60"])
+            helpers.append(helper)
+            pid = helper.pid
+        peer = WorkerPeer(context, run, pid, free)
+        time.sleep(0.1)  # READY is taken before the next request
+        return peer
+
+    yield mongrel2, worker, process, settings, helpers
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(10) == 0
+    finally:
+        process.kill()
+        for helper in helpers:
+            helper.kill()
+            helper.wait()
+        context.destroy(linger=0)
+
+
+def test_requests_go_to_the_least_recently_freed_ready_worker(stack):
+    mongrel2, worker, *_ = stack
+    first, second = worker(), worker()
+    for conn in (1, 2, 3):
+        mongrel2.send(request_bytes(conn))
+    assert first.take() == b"1"
+    assert second.take() == b"2"
+    assert first.idle() and second.idle()  # the third waits: nobody has a free slot
+    second.done(b"2")
+    assert mongrel2.receive() == (b"2", b"HTTP/1.1 200 OK\r\n\r\n")
+    assert second.take() == b"3"
+
+
+def test_a_worker_gets_as_many_requests_as_it_has_slots(stack):
+    mongrel2, worker, *_ = stack
+    threaded = worker(free=3)
+    for conn in (1, 2, 3, 4):
+        mongrel2.send(request_bytes(conn))
+    assert [threaded.take() for _ in range(3)] == [b"1", b"2", b"3"]
+    assert threaded.idle()
+
+
+def test_pipelined_requests_on_one_connection_keep_their_order(stack):
+    mongrel2, worker, *_ = stack
+    a, b = worker(), worker()
+    mongrel2.send(request_bytes(7, b"/first"))
+    mongrel2.send(request_bytes(7, b"/second"))
+    assert a.take() == b"7"
+    assert b.idle()  # the second waits for the first, though b is free
+    a.done(b"7")
+    mongrel2.receive()
+    command, data = b.next()
+    assert parse(data).path == b"/second"
+
+
+def test_notices_reach_the_worker_holding_the_connection(stack):
+    mongrel2, worker, *_ = stack
+    a, b = worker(), worker()
+    mongrel2.send(request_bytes(1))
+    mongrel2.send(request_bytes(2))
+    assert a.take() == b"1" and b.take() == b"2"
+    mongrel2.send(notice_bytes(2, "credits", 4096))
+    mongrel2.send(notice_bytes(1, "disconnect"))
+    command, data = b.next()
+    assert command == dp.NOTICE and parse(data).credits == 4096
+    command, data = a.next()
+    assert command == dp.NOTICE and parse(data).conn_id == b"1"
+
+
+def test_a_disconnect_removes_a_queued_request(stack):
+    mongrel2, worker, *_ = stack
+    mongrel2.send(request_bytes(1))
+    mongrel2.send(request_bytes(2))
+    mongrel2.send(notice_bytes(1, "disconnect"))
+    time.sleep(0.1)
+    late = worker()
+    assert late.take() == b"2"
+
+
+def test_no_worker_gives_503_with_retry_after_within_queue_timeout(stack):
+    mongrel2, *_ = stack
+    started = time.monotonic()
+    mongrel2.send(request_bytes(1))
+    ids, body = mongrel2.receive()
+    assert body.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in body
+    assert 0.9 < time.monotonic() - started < 2.0
+
+
+def test_a_full_queue_answers_503_at_once(stack):
+    mongrel2, *_ = stack
+    for conn in range(1, 5):  # max_queue is 3
+        mongrel2.send(request_bytes(conn))
+    assert mongrel2.receive_error(4).startswith(b"HTTP/1.1 503")
+
+
+def test_a_worker_that_dies_holding_a_request_gives_502_at_once(stack):
+    mongrel2, worker, process, settings, helpers = stack
+    doomed = worker()
+    mongrel2.send(request_bytes(1))
+    assert doomed.take() == b"1"
+    started = time.monotonic()
+    helpers[0].kill()
+    assert mongrel2.receive_error(1) == b"HTTP/1.1 502 Bad Gateway"
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_stuck_request_gives_504_and_the_worker_is_killed(stack):
+    mongrel2, worker, process, settings, helpers = stack
+    stuck = worker()
+    mongrel2.send(request_bytes(1))
+    assert stuck.take() == b"1"
+    assert mongrel2.receive_error(1) == b"HTTP/1.1 504 Gateway Timeout"
+    assert helpers[0].wait(3) == -STUCK_SIGNAL
+
+
+def test_a_started_response_is_not_cut_by_timeout(stack):
+    mongrel2, worker, *_ = stack
+    streaming = worker()
+    mongrel2.send(request_bytes(1))
+    assert streaming.take() == b"1"
+    part = b"%s 1:1, HTTP/1.1 200 OK\r\n\r\n" % SENDER
+    streaming.sock.send_multipart([dp.REPLY, b"1", part])
+    mongrel2.receive()
+    assert mongrel2.silent(1500)  # timeout is 1 s; no 504 comes
+    streaming.done(b"1", b"tail")
+    assert mongrel2.receive() == (b"1", b"tail")
+
+
+def test_smuggling_gets_400_and_what_follows_on_the_connection_is_dropped(stack):
+    mongrel2, worker, *_ = stack
+    mongrel2.send(request_bytes(1, headers={b"content-length": b"5",
+                                            b"transfer-encoding": b"chunked"}))
+    mongrel2.send(request_bytes(1, b"/smuggled"))
+    assert mongrel2.receive_error(1) == b"HTTP/1.1 400 Bad Request"
+    assert worker().idle()
+
+
+def test_a_body_over_max_body_size_gets_413(stack):
+    mongrel2, worker, *_ = stack
+    mongrel2.send(request_bytes(1, headers={b"content-length": b"5000"}))
+    assert mongrel2.receive_error(1) == b"HTTP/1.1 413 Request Entity Too Large"
+
+
+def test_a_leaving_worker_gets_bye_and_nothing_new(stack):
+    mongrel2, worker, *_ = stack
+    leaving = worker(free=2)
+    mongrel2.send(request_bytes(1))
+    assert leaving.take() == b"1"
+    leaving.sock.send_multipart([dp.LEAVING])
+    assert leaving.next() == [dp.BYE]
+    mongrel2.send(request_bytes(2))
+    assert leaving.idle()
+    leaving.done(b"1")  # what it held still goes out
+    assert mongrel2.receive()[0] == b"1"
+
+
+def test_status_reports_queue_workers_and_failures(stack):
+    mongrel2, worker, process, settings, _ = stack
+    busy = worker()
+    mongrel2.send(request_bytes(1))
+    busy.take()
+    mongrel2.send(request_bytes(2))
+    time.sleep(0.1)
+    status = read_status(settings)
+    assert status["queue"] == 1 and status["busy_workers"] == 1
+    assert status["workers"][str(busy.pid)]["dispatched"] == 1
+    busy.done(b"1")
+    mongrel2.receive()
+    assert mongrel2.receive_error(2).startswith(b"HTTP/1.1 503")  # after queue_timeout
+    status = read_status(settings)
+    assert status["failures"] == {"503 no worker took it in queue_timeout": 1}
+    assert status["completed"] == 1 and status["idle_workers"] == 1
+
+
+def test_sigterm_answers_queued_requests_and_exits_0(stack):
+    mongrel2, worker, process, *_ = stack
+    mongrel2.send(request_bytes(1))
+    time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert mongrel2.receive_error(1).startswith(b"HTTP/1.1 503")
+    assert process.wait(5) == 0
