@@ -10,6 +10,7 @@ ending in ``/``.
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import sqlite3
 from dataclasses import dataclass, field
@@ -47,14 +48,13 @@ CREATE TABLE log(id INTEGER PRIMARY KEY, who TEXT, what TEXT, location TEXT,
     happened_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, how TEXT, why TEXT);
 """
 
-#: Extensions mongrel2 serves static files as; m2sh loads none by default.
-MIMETYPES = {
-    ".html": "text/html", ".htm": "text/html", ".css": "text/css",
-    ".js": "application/javascript", ".json": "application/json", ".txt": "text/plain",
-    ".xml": "application/xml", ".svg": "image/svg+xml", ".png": "image/png",
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".ico": "image/x-icon",
-    ".webp": "image/webp", ".woff": "font/woff", ".woff2": "font/woff2", ".pdf": "application/pdf",
-    ".wasm": "application/wasm", ".map": "application/json",
+#: Content types of the files mongrel2 serves from static directories, by extension:
+#: Python's built-in table (the same on every machine, unlike /etc/mime.types) plus the
+#: web types it lacks. m2sh would load its own list of ~850; this one covers the web.
+MIMETYPES: dict[str, str] = {
+    **mimetypes.MimeTypes(filenames=()).types_map[True],
+    ".webp": "image/webp", ".woff": "font/woff", ".woff2": "font/woff2", ".ttf": "font/ttf",
+    ".otf": "font/otf", ".map": "application/json",
 }
 
 
@@ -94,6 +94,10 @@ class Mongrel2Config:
     def host_name(self) -> str:
         return "localhost"
 
+    @property
+    def name(self) -> str:
+        return "circus-wsgi"
+
 
 def directory_base(path: str) -> str:
     """A directory as mongrel2 wants it: relative to its working dir, ending in ``/``."""
@@ -101,8 +105,15 @@ def directory_base(path: str) -> str:
     return relative.rstrip("/") + "/"
 
 
+def require_resolved(settings: Settings) -> None:
+    """The generators need run_dir and server_uuid filled in, and run_dir absolute."""
+    if not (settings.server_uuid and os.path.isabs(settings.run_dir)):
+        raise ValueError("resolve the settings first: settings.with_defaults_resolved(run_dir)")
+
+
 def mongrel2_config(settings: Settings) -> Mongrel2Config:
-    """What mongrel2 must be told for these (resolved) settings."""
+    """What mongrel2 must be told for these resolved settings."""
+    require_resolved(settings)
     run = RunDir(Path(settings.run_dir))
     host, _, port = settings.bind.rpartition(":")
     app_prefixes = ("/",) + tuple(prefix for prefix, _ in settings.mounts)
@@ -144,7 +155,7 @@ def write_sqlite(config: Mongrel2Config, path: Path) -> Path:
             "INSERT INTO server (uuid, access_log, error_log, chroot, pid_file, control_port,"
             " default_host, name, bind_addr, port, use_ssl) VALUES (?,?,?,?,?,?,?,?,?,?,0)",
             (config.uuid, config.access_log, config.error_log, "", config.pid_file,
-             config.control_port, config.host_name, "circus-wsgi", config.bind_addr,
+             config.control_port, config.host_name, config.name, config.bind_addr,
              config.port)).lastrowid
         host = db.execute(
             "INSERT INTO host (server_id, maintenance, name, matching) VALUES (?,0,?,?)",
@@ -172,53 +183,62 @@ def write_sqlite(config: Mongrel2Config, path: Path) -> Path:
     return path
 
 
+def _quote(value: str) -> str:
+    """A string literal of m2sh's .conf language: it has quotes but no escapes."""
+    for quote in "'\"":
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"mongrel2.conf cannot hold {value!r}: it has both kinds of quote")
+
+
+def _block(opening: str, items: list[str], closing: str) -> list[str]:
+    """Lines of a call, dict or list: m2sh refuses a comma after the last item."""
+    return [opening, *(f"    {item}," for item in items[:-1]), f"    {items[-1]}", closing]
+
+
 def render_conf(config: Mongrel2Config) -> str:
-    """The same configuration in m2sh's ``.conf`` language, for people to read."""
+    """The same configuration in m2sh's ``.conf`` language, for people to read.
+
+    ``m2sh load -config mongrel2.conf -db X.sqlite`` rebuilds config.sqlite from it,
+    except the mimetype table, which m2sh fills with its own list.
+    """
     h = config.handler
-    lines = [
-        "# Written by circus-wsgi from its Settings; config.sqlite holds the same.",
-        f"app = Handler(send_spec={h.send_spec!r}, send_ident={h.send_ident!r},",
-        f"              recv_spec={h.recv_spec!r}, recv_ident={h.recv_ident!r},",
-        f"              protocol={h.protocol!r})",
-    ]
-    routes = [f"    {prefix!r}: app," for prefix in config.handler_routes]
+    lines = ["# Written by circus-wsgi from its Settings; config.sqlite holds the same.",
+             f"# mongrel2 runs in {MONGREL2_WORKING_DIR}: directory bases are relative to it."]
+    lines += _block("app = Handler(", [
+        f"send_spec={_quote(h.send_spec)}", f"send_ident={_quote(h.send_ident)}",
+        f"recv_spec={_quote(h.recv_spec)}", f"recv_ident={_quote(h.recv_ident)}",
+        f"protocol={_quote(h.protocol)}"], ")")
+    routes = [f"{_quote(prefix)}: app" for prefix in config.handler_routes]
     for number, (prefix, directory) in enumerate(config.directory_routes):
-        lines.append(f"static{number} = Dir(base={directory.base!r}, "
-                     f"index_file={directory.index_file!r}, "
-                     f"default_ctype={directory.default_ctype!r})")
-        routes.append(f"    {prefix!r}: static{number},")
-    lines += [
-        "",
-        "main = Server(",
-        f"    uuid={config.uuid!r},",
-        f"    access_log={config.access_log!r},",
-        f"    error_log={config.error_log!r},",
-        "    chroot='',",
-        f"    pid_file={config.pid_file!r},",
-        f"    control_port={config.control_port!r},",
-        f"    default_host={config.host_name!r},",
-        "    name='circus-wsgi',",
-        f"    bind_addr={config.bind_addr!r},",
-        f"    port={config.port},",
-        f"    hosts=[Host(name={config.host_name!r}, routes={{",
-        *routes,
-        "    })],",
-        ")",
-        "",
-        "settings = {",
-        *(f"    {key!r}: {value!r}," for key, value in sorted(config.settings.items())),
-        "}",
-        "",
-        "servers = [main]",
-        "",
-    ]
+        lines += _block(f"static{number} = Dir(", [
+            f"base={_quote(directory.base)}", f"index_file={_quote(directory.index_file)}",
+            f"default_ctype={_quote(directory.default_ctype)}"], ")")
+        routes.append(f"{_quote(prefix)}: static{number}")
+    route_map = "{\n" + ",\n".join(f"        {route}" for route in routes) + "\n    }"
+    lines += _block("main = Server(", [
+        f"uuid={_quote(config.uuid)}",
+        f"access_log={_quote(config.access_log)}",
+        f"error_log={_quote(config.error_log)}",
+        "chroot=''",
+        f"pid_file={_quote(config.pid_file)}",
+        f"control_port={_quote(config.control_port)}",
+        f"default_host={_quote(config.host_name)}",
+        f"name={_quote(config.name)}",
+        f"bind_addr={_quote(config.bind_addr)}",
+        f"port={config.port}",
+        f"hosts=[Host(name={_quote(config.host_name)}, routes={route_map})]"], ")")
+    lines += _block("settings = {", [f"{_quote(key)}: {_quote(value)}"
+                                     for key, value in sorted(config.settings.items())], "}")
+    lines += ["servers = [main]", ""]
     return "\n".join(lines)
 
 
 def write_mongrel2_config(settings: Settings, directory: Path) -> tuple[Path, Path]:
     """Write ``config.sqlite`` and ``mongrel2.conf`` into ``directory``; return both paths."""
     config = mongrel2_config(settings)
+    conf_text = render_conf(config)  # first: it may refuse a value
     sqlite_path = write_sqlite(config, directory / "config.sqlite")
     conf_path = directory / "mongrel2.conf"
-    conf_path.write_text(render_conf(config))
+    conf_path.write_text(conf_text)
     return sqlite_path, conf_path

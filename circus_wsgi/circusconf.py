@@ -1,0 +1,228 @@
+"""Settings -> ``circus.ini``: how circusd runs and controls the whole stack.
+
+This module owns the circus side of a deployment: circusd's own endpoints (ipc
+sockets in the run dir; TCP only when the user set a tcp:// endpoint), statsd
+for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
+``dispatcher`` (not in direct mode) and ``workers``, and the flapping plugin.
+
+circus reads the file with its own parser, which differs from Python's
+configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
+``((circus.x))`` are substituted, and in ``[env:...]`` sections ``$NAME`` is
+replaced by circusd's own environment. Commands are split with ``shlex``.
+:func:`circus_ini` quotes commands for that and refuses (with
+:class:`SettingsError`, naming the setting) a value circus would change.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
+from .rundir import RunDir
+from .settings import Settings, SettingsError
+
+#: Seconds between circusd's checks of its watchers: a crashed process is
+#: respawned within this delay.
+CHECK_DELAY = 0.5
+#: mongrel2 stops gracefully in 2-4 s after SIGTERM.
+MONGREL2_GRACEFUL_TIMEOUT = 5.0
+#: Time circus allows past graceful_timeout before SIGKILL, for the process's own exit.
+STOP_MARGIN = 2.0
+#: The flapping plugin circus.ini loads: a fixed subclass of circus's own.
+FLAPPING_PLUGIN = "circus_wsgi.flapping.Flapping"
+
+#: What circus substitutes in a value, and how its parser ends a value early.
+_CIRCUS_VARIABLE = re.compile(r"\$\(circus\.[\w.-]+\)|\(\(circus\.[\w.-]+\)\)", re.I)
+_ENV_VARIABLE = re.compile(r"\$[A-Z]")
+_COMMENT = re.compile(r"\s;")
+
+Section = tuple[str, str, dict[str, str]]  # name, comment, options
+
+
+def _refuse(name: str, value: object, text: str, reason: str) -> None:
+    raise SettingsError(name, value, f"cannot be written to circus.ini: {reason} in {text!r}")
+
+
+def _check_text(name: str, value: object, text: str) -> None:
+    """Refuse what circus would read differently anywhere in a value or command."""
+    if "\n" in text or "\r" in text:
+        _refuse(name, value, text, "a line break")
+    if _CIRCUS_VARIABLE.search(text):
+        _refuse(name, value, text, "circus would substitute $(circus.*)")
+
+
+def _raw(name: str, value: object, text: str) -> str:
+    """``text`` as an ini value circus reads back unchanged (commands are quoted instead)."""
+    _check_text(name, value, text)
+    if text != text.strip() or text == '""':
+        _refuse(name, value, text, "circus strips spaces around a value")
+    if _COMMENT.search(text):
+        _refuse(name, value, text, "' ;' starts a comment")
+    return text
+
+
+def _command(argv: list[str]) -> str:
+    """``argv`` as one circus ``cmd``: shlex-quoted, with every ``;`` escaped.
+
+    shlex.quote puts any argument holding ``;`` in single quotes; ending the quote
+    around an escaped ``\\;`` keeps circus's parser from seeing `` ;`` (a comment).
+    """
+    return shlex.join(argv).replace(";", "'\\;'")
+
+
+def _check_settings_text(settings: Settings) -> None:
+    """Every setting goes on the dispatcher's and workers' command line: check them all."""
+    for name, value in settings.changed().items():
+        texts = [f"{k}={v}" for k, v in value] if isinstance(value, tuple) else [str(value)]
+        for text in texts:
+            _check_text(name, value, text)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _streams(prefix: str) -> dict[str, str]:
+    """Send a watcher's stdout and stderr to circusd's output, each line prefixed."""
+    options = {}
+    for stream in ("stdout_stream", "stderr_stream"):
+        options[f"{stream}.class"] = "circus_wsgi.logstream.PrefixedStream"
+        options[f"{stream}.prefix"] = prefix
+    return options
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def _circus_section(settings: Settings, run: RunDir) -> Section:
+    if settings.endpoint:
+        endpoint = _raw("endpoint", settings.endpoint, settings.endpoint)
+    else:
+        endpoint = _raw("run_dir", settings.run_dir, run.circus_endpoint)
+    stats = _raw("run_dir", settings.run_dir, run.circus_stats)
+    return ("circus", f"circusd itself. Control: circusctl --endpoint {endpoint} list; "
+            f"watch: circus-top --endpoint {stats}", {
+                "endpoint": endpoint,
+                "pubsub_endpoint": _raw("run_dir", settings.run_dir, run.circus_pubsub),
+                "stats_endpoint": stats,
+                "statsd": "True",  # runs circusd-stats, which circus-top reads
+                "multicast_endpoint": "",  # no UDP discovery socket on 0.0.0.0:12027
+                "check_delay": _number(CHECK_DELAY),
+            })
+
+
+def _mongrel2_section(settings: Settings, mongrel2_db: Path) -> Section:
+    argv = _python("circus_wsgi.lifeline", "mongrel2", str(mongrel2_db), settings.server_uuid)
+    return ("watcher:mongrel2", "The HTTP server, run through lifeline so it dies with "
+            "circusd. SIGHUP does not reload it: restart it for a new config.sqlite.", {
+                "cmd": _command(argv),
+                "working_dir": MONGREL2_WORKING_DIR,
+                "singleton": "True",
+                "numprocesses": "1",
+                "priority": "3",
+                "graceful_timeout": _number(MONGREL2_GRACEFUL_TIMEOUT),
+                "copy_env": "True",
+                **_streams("mongrel2"),
+            })
+
+
+def _dispatcher_section(settings: Settings) -> Section:
+    return ("watcher:dispatcher", "The broker between mongrel2 and the workers. It may "
+            "take as long as the workers to stop, to route their last responses.", {
+                "cmd": _command(_python("circus_wsgi", "dispatcher", *settings.to_argv())),
+                "working_dir": "/",  # it needs none; do not hold the caller's
+                "singleton": "True",
+                "numprocesses": "1",
+                "priority": "2",
+                "graceful_timeout": _number(settings.graceful_timeout + STOP_MARGIN),
+                "copy_env": "True",
+                **_streams("dispatcher"),
+            })
+
+
+def _workers_section(settings: Settings) -> Section:
+    options = {
+        "cmd": _command(_python("circus_wsgi", "worker", *settings.to_argv())),
+        "numprocesses": str(settings.workers),
+        "working_dir": _raw("chdir", settings.chdir, settings.chdir),
+        "priority": "1",
+        "graceful_timeout": _number(settings.graceful_timeout + STOP_MARGIN),
+        "copy_env": "True",
+    }
+    if settings.virtualenv:
+        options["virtualenv"] = _raw("virtualenv", settings.virtualenv, settings.virtualenv)
+    return ("watcher:workers", "The WSGI application, numprocesses processes "
+            "(circusctl incr/decr workers).", {**options, **_streams("workers")})
+
+
+def _env_section(settings: Settings) -> Section | None:
+    env = dict(settings.env)  # a name given twice: the last value wins, as in os.environ
+    for name, value in env.items():
+        _raw("env", f"{name}={value}", value)
+        if _ENV_VARIABLE.search(value):
+            _refuse("env", f"{name}={value}", value, "circus would replace $NAME")
+    if not env:
+        return None
+    return ("env:workers", "Environment variables of the workers (setting env).", env)
+
+
+def _flapping_section(settings: Settings) -> Section:
+    return ("plugin:flapping", "Stops a watcher whose processes crash in a loop.", {
+        "use": FLAPPING_PLUGIN,
+        "attempts": str(settings.flapping_attempts),
+        "window": _number(settings.flapping_window),
+        "retry_in": _number(settings.flapping_retry_in),
+        "max_retry": str(settings.flapping_max_retry),
+    })
+
+
+def _check_virtualenv(settings: Settings) -> None:
+    """circus adds the virtualenv's site-packages for this Python version; it must exist."""
+    if not settings.virtualenv:
+        return
+    version = "%d.%d" % sys.version_info[:2]
+    site = Path(settings.virtualenv, "lib", f"python{version}", "site-packages")
+    if not site.is_dir():
+        raise SettingsError("virtualenv", settings.virtualenv,
+                            f"must be a virtualenv for Python {version} ({site} is missing)")
+
+
+def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
+    """The sections of circus.ini for these resolved settings, in file order.
+
+    ``mongrel2_db`` is the config.sqlite mongrel2 is started on.
+    """
+    require_resolved(settings)
+    if not settings.app:
+        raise SettingsError("app", settings.app,
+                            "required: the WSGI application as MODULE:CALLABLE")
+    _check_settings_text(settings)
+    _check_virtualenv(settings)
+    run = RunDir(Path(settings.run_dir))
+    sections = [_circus_section(settings, run), _mongrel2_section(settings, mongrel2_db)]
+    if settings.mode == "dispatcher":
+        sections.append(_dispatcher_section(settings))
+    sections.append(_workers_section(settings))
+    env = _env_section(settings)
+    if env:
+        sections.append(env)
+    sections.append(_flapping_section(settings))
+    return sections
+
+
+def circus_ini(settings: Settings, mongrel2_db: Path) -> str:
+    """circus.ini text for resolved settings (see :meth:`Settings.with_defaults_resolved`)
+    that starts mongrel2 on ``mongrel2_db``."""
+    lines = [
+        "# circus.ini written by circus-wsgi from its Settings. Regenerate it (circus-wsgi",
+        "# config ... --out DIR, or Settings(...).write(DIR)) rather than edit it.",
+        "# Run the stack: circusd circus.ini",
+    ]
+    for name, comment, options in _sections(settings, mongrel2_db):
+        lines += ["", f"# {comment}", f"[{name}]"]
+        lines += [f"{key} = {value}".rstrip() for key, value in options.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,49 @@
+"""Writing a deployment: Settings -> a directory holding every configuration file.
+
+This module owns :func:`write_configs`, behind ``Settings(...).write(directory)``
+and ``circus-wsgi config --out DIR``: it fills the defaults that depend on the
+directory, creates the private run directory, and writes ``config.sqlite`` and
+``mongrel2.conf`` (:mod:`.mongrel2`) and ``circus.ini`` (:mod:`.circusconf`).
+Then ``circusd DIR/circus.ini`` runs the stack.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .circusconf import circus_ini
+from .mongrel2 import write_mongrel2_config
+from .rundir import RunDir
+from .settings import Settings
+
+
+def resolve_for(settings: Settings, directory: Path) -> Settings:
+    """The settings as written into ``directory``: every default that depends on where
+    or when they are written made explicit.
+
+    run_dir defaults to ``directory/run``; chdir, a relative path, becomes absolute
+    here, so circusd can be started from anywhere.
+    """
+    run_dir = os.path.join(os.path.abspath(directory), "run")
+    resolved = settings.with_defaults_resolved(run_dir)
+    return resolved.replace(chdir=os.path.abspath(settings.chdir))
+
+
+def write_configs(settings: Settings, directory: Path) -> dict[str, Path]:
+    """Write config.sqlite, mongrel2.conf and circus.ini into ``directory`` (created if
+    missing) and create the run directory (mode 0700); return the files' paths by name.
+
+    circus.ini is made first, so a setting it cannot hold stops before any file is written.
+    """
+    directory = Path(os.path.abspath(directory))
+    resolved = resolve_for(settings, directory)
+    ini_path = directory / "circus.ini"
+    ini_text = circus_ini(resolved, directory / "config.sqlite")
+    directory.mkdir(parents=True, exist_ok=True)
+    RunDir(Path(resolved.run_dir)).create()
+    sqlite_path, conf_path = write_mongrel2_config(resolved, directory)
+    ini_path.touch(mode=0o600)
+    ini_path.chmod(0o600)  # before writing: it may hold secrets in the workers' environment
+    ini_path.write_text(ini_text)
+    return {"config.sqlite": sqlite_path, "mongrel2.conf": conf_path, "circus.ini": ini_path}

@@ -1,0 +1,175 @@
+"""Settings -> circus.ini, read back with circus's own loader (circus.config.get_config).
+
+The workers' and dispatcher's command lines are split the way circus splits them
+(shlex) and parsed with circus-wsgi's own parser: they must rebuild the Settings.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from circus.config import get_config
+
+from circus_wsgi import cli
+from circus_wsgi.circusconf import (
+    CHECK_DELAY, FLAPPING_PLUGIN, MONGREL2_GRACEFUL_TIMEOUT, STOP_MARGIN, circus_ini)
+from circus_wsgi.rundir import RunDir
+from circus_wsgi.settings import Settings, SettingsError
+
+HERE = Path(__file__).resolve().parent
+#: Characters circus's ini parser and shlex both care about.
+AWKWARD_FORMAT = "%(h)s ;%(r)s; 'q' \"d\" \\ $x $(y) #z %%"
+
+
+def resolved(tmp: Path, **values: object) -> Settings:
+    values.setdefault("app", "examples.hello:app")
+    return Settings(**values).with_defaults_resolved(str(tmp / "run"))
+
+
+def load(tmp: Path, settings: Settings) -> dict:
+    """circus's view of the circus.ini written for ``settings``."""
+    path = tmp / "circus.ini"
+    path.write_text(circus_ini(settings, tmp / "config.sqlite"))
+    return get_config(str(path))
+
+
+def watchers(config: dict) -> dict[str, dict]:
+    return {watcher["name"]: watcher for watcher in config["watchers"]}
+
+
+def settings_from_cmd(cmd: str, command: str) -> Settings:
+    argv = shlex.split(cmd)
+    assert argv[:4] == [sys.executable, "-m", "circus_wsgi", command]
+    return cli.settings_from_args(cli.build_parser().parse_args([command, *argv[4:]]))
+
+
+@pytest.fixture
+def settings(run_dir: Path) -> Settings:
+    return resolved(run_dir, workers=3, graceful_timeout=4, chdir=str(HERE),
+                    env={"GREETING": "hello world", "EMPTY": "", "SEMI": "a;b", "Q": "it's"},
+                    access_log_format=AWKWARD_FORMAT, mounts=["/api=pkg.api:app"])
+
+
+def test_circusd_endpoints_are_ipc_sockets_in_the_run_dir(run_dir: Path,
+                                                          settings: Settings) -> None:
+    config = load(run_dir, settings)
+    run = RunDir(Path(settings.run_dir))
+    assert (config["endpoint"], config["pubsub_endpoint"], config["stats_endpoint"]) == (
+        run.circus_endpoint, run.circus_pubsub, run.circus_stats)
+    assert config["statsd"] is True
+    assert config["multicast_endpoint"] == ""
+    assert config["check_delay"] == CHECK_DELAY
+    assert "tcp://" not in (run_dir / "circus.ini").read_text()
+
+
+def test_a_tcp_endpoint_is_used_only_when_asked_for(run_dir: Path) -> None:
+    config = load(run_dir, resolved(run_dir, endpoint="tcp://127.0.0.1:6555"))
+    assert config["endpoint"] == "tcp://127.0.0.1:6555"
+    assert config["pubsub_endpoint"].startswith("ipc://")
+
+
+def test_watchers_and_plugin(run_dir: Path, settings: Settings) -> None:
+    config = load(run_dir, settings)
+    assert set(watchers(config)) == {"mongrel2", "dispatcher", "workers"}
+    [plugin] = config["plugins"]
+    assert plugin == {"__name__": "plugin:flapping", "name": "plugin:flapping",
+                      "use": FLAPPING_PLUGIN, "attempts": "3", "window": "5",
+                      "retry_in": "5", "max_retry": "2"}
+    assert load(run_dir, settings.replace(
+        flapping_attempts=7, flapping_window=0.5, flapping_retry_in=1.25,
+        flapping_max_retry=0))["plugins"][0] | {"__name__": ""} == {
+        "__name__": "", "name": "plugin:flapping", "use": FLAPPING_PLUGIN, "attempts": "7",
+        "window": "0.5", "retry_in": "1.25", "max_retry": "0"}
+
+
+def test_mongrel2_watcher(run_dir: Path, settings: Settings) -> None:
+    mongrel2 = watchers(load(run_dir, settings))["mongrel2"]
+    assert shlex.split(mongrel2["cmd"]) == [
+        sys.executable, "-m", "circus_wsgi.lifeline", "mongrel2",
+        str(run_dir / "config.sqlite"), settings.server_uuid]
+    assert mongrel2["working_dir"] == "/"
+    assert mongrel2["singleton"] is True and mongrel2["numprocesses"] == 1
+    assert mongrel2["graceful_timeout"] == MONGREL2_GRACEFUL_TIMEOUT
+    assert mongrel2["stdout_stream"] == mongrel2["stderr_stream"] == {
+        "class": "circus_wsgi.logstream.PrefixedStream", "prefix": "mongrel2"}
+
+
+def test_workers_watcher(run_dir: Path, settings: Settings) -> None:
+    workers = watchers(load(run_dir, settings))["workers"]
+    assert settings_from_cmd(workers["cmd"], "worker") == settings
+    assert workers["numprocesses"] == 3 and workers["singleton"] is False
+    assert workers["working_dir"] == str(HERE)
+    assert workers["graceful_timeout"] == 4 + STOP_MARGIN
+    assert workers["copy_env"] is True and "virtualenv" not in workers
+    assert {key: workers["env"][key] for key, _ in settings.env} == dict(settings.env)
+    assert workers["stdout_stream"] == workers["stderr_stream"] == {
+        "class": "circus_wsgi.logstream.PrefixedStream", "prefix": "workers"}
+
+
+def test_dispatcher_watcher(run_dir: Path, settings: Settings) -> None:
+    dispatcher = watchers(load(run_dir, settings))["dispatcher"]
+    assert settings_from_cmd(dispatcher["cmd"], "dispatcher") == settings
+    assert dispatcher["singleton"] is True
+    assert dispatcher["stderr_stream"]["prefix"] == "dispatcher"
+    assert "GREETING" not in dispatcher["env"]
+
+
+def test_a_semicolon_after_a_space_survives_circus_comment_rule(run_dir: Path) -> None:
+    # circus ends a value at the first ";" that follows a space
+    settings = resolved(run_dir, access_log_format="%(h)s ;%(r)s")
+    workers = watchers(load(run_dir, settings))["workers"]
+    assert settings_from_cmd(workers["cmd"], "worker") == settings
+
+
+def test_direct_mode_has_no_dispatcher(run_dir: Path) -> None:
+    config = load(run_dir, resolved(run_dir, mode="direct", flow_control=False))
+    assert set(watchers(config)) == {"mongrel2", "workers"}
+
+
+def test_no_env_section_without_env(run_dir: Path) -> None:
+    assert "[env:" not in circus_ini(resolved(run_dir), run_dir / "config.sqlite")
+
+
+def test_a_name_given_twice_in_env_keeps_the_last_value(run_dir: Path) -> None:
+    config = load(run_dir, resolved(run_dir, env=["A=1", "A=2"]))
+    assert watchers(config)["workers"]["env"]["A"] == "2"
+
+
+def test_virtualenv(run_dir: Path) -> None:
+    venv = run_dir / "venv"
+    (venv / "lib" / ("python%d.%d" % sys.version_info[:2]) / "site-packages").mkdir(
+        parents=True)
+    workers = watchers(load(run_dir, resolved(run_dir, virtualenv=str(venv))))["workers"]
+    assert workers["virtualenv"] == str(venv) and workers["copy_env"] is True
+
+
+@pytest.mark.parametrize("values,name,reason", [
+    ({"virtualenv": "/"}, "virtualenv", "must be a virtualenv for Python"),
+    ({"env": {"A": "x ;y"}}, "env", "' ;' starts a comment"),
+    ({"env": {"A": "$HOME"}}, "env", "circus would replace $NAME"),
+    ({"env": {"A": " padded"}}, "env", "circus strips spaces"),
+    ({"env": {"A": '""'}}, "env", "circus strips spaces"),
+    ({"env": {"A": "two\nlines"}}, "env", "a line break"),
+    ({"access_log_format": "%(h)s\n%(r)s"}, "access_log_format", "a line break"),
+    ({"access_log": "/var/log/$(circus.wid).log"}, "access_log", "$(circus.*)"),
+    ({"access_log": "((circus.env.home))"}, "access_log", "$(circus.*)"),
+    ({"app": None}, "app", "required"),
+])
+def test_values_circus_would_change_are_refused(run_dir: Path, values: dict, name: str,
+                                                reason: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        circus_ini(resolved(run_dir, **values), run_dir / "config.sqlite")
+    assert caught.value.name == name and reason in str(caught.value)
+
+
+def test_unresolved_settings_are_refused(run_dir: Path) -> None:
+    with pytest.raises(ValueError, match="with_defaults_resolved"):
+        circus_ini(Settings(app="a:b"), run_dir / "config.sqlite")
+
+
+def test_the_file_says_it_was_generated(run_dir: Path, settings: Settings) -> None:
+    text = circus_ini(settings, run_dir / "config.sqlite")
+    assert text.startswith("# circus.ini written by circus-wsgi from its Settings.")
