@@ -28,7 +28,8 @@ from .dispatch_state import Counters, InFlight, Pending, WorkerState
 from .exits import EXIT_OK, STUCK_SIGNAL
 from .httpmsg import error_response
 from .lifeline import die_with_parent
-from .protocol import Kind, Message, ProtocolError, close, is_smuggling_risk, parse, response
+from .protocol import (UPLOAD_START, Kind, Message, ProtocolError, close, is_smuggling_risk,
+                       parse, response)
 from .rundir import RunDir
 from .settings import Settings
 
@@ -64,6 +65,7 @@ class Dispatcher:
         for sock in (self.requests, self.workers_socket, self.status_socket):
             self.poller.register(sock, zmq.POLLIN)
         self.pidfds: dict[int, bytes] = {}  # pidfd -> worker identity
+        self.upload_dir = os.fsencode(run.uploads)
         self.stopping = False
 
     def _socket(self, kind: int, *, bind: str = "", connect: str = "") -> zmq.Socket:
@@ -148,28 +150,60 @@ class Dispatcher:
             return
         kind = message.kind
         conn = message.conn_id
-        if kind is Kind.REQUEST or kind is Kind.UPLOAD_DONE:
-            self.uploads.pop(conn, None)
-            self._on_request(message, frames[0])
+        if kind is Kind.REQUEST:
+            self._on_request(message, frames[0], None)
+        elif kind is Kind.UPLOAD_DONE:
+            self._on_upload_done(message, frames[0])
         elif kind is Kind.CREDITS:
             self._notify_holder(conn, frames[0])
         elif kind is Kind.DISCONNECT:
             self._on_disconnect(message, frames[0])
-        else:  # UPLOAD_START: the body is still arriving; the request waits for done
-            if self._refuse(message):
-                self._remove_file(message.headers.get(b"x-mongrel2-upload-start"))
-            else:
-                self.uploads[conn] = message.headers[b"x-mongrel2-upload-start"]
+        else:
+            self._on_upload_start(message)
 
-    def _on_request(self, message: Message, frame: zmq.Frame) -> None:
+    def _on_upload_start(self, message: Message) -> None:
+        """The body is arriving in a temp file; the request waits for upload-done.
+
+        Clients can send the upload headers themselves, and mongrel2 passes them
+        through on requests whose body arrives inline: only a body too large to be
+        inline (or chunked) is really being uploaded, into the upload directory.
+        """
+        path = message.headers.get(UPLOAD_START)
+        if not self._spooled(message) or not self._in_uploads(path):
+            self._reject(message, 400, "forged upload header")
+        elif self._refuse(message):  # an empty reply makes mongrel2 abort the upload
+            self._remove_file(path)
+        else:
+            self.uploads[message.conn_id] = path
+
+    def _on_upload_done(self, message: Message, frame: zmq.Frame) -> None:
+        expected = self.uploads.pop(message.conn_id, None)
+        if message.conn_id in self.refused:
+            return
+        if expected is None or message.upload_path != expected:
+            self._remove_file(expected)
+            self._reject(message, 400, "forged upload header")
+        else:
+            self._on_request(message, frame, expected)
+
+    def _spooled(self, message: Message) -> bool:
+        """True when mongrel2 puts this request's body in a temp file, not inline."""
+        length = message.headers.get(b"content-length")
+        return b"transfer-encoding" in message.headers or (
+            isinstance(length, bytes) and length.isdigit()
+            and int(length) > self.settings.content_length)
+
+    def _in_uploads(self, path: object) -> bool:
+        return isinstance(path, bytes) and os.path.dirname(os.path.normpath(path)) == \
+            self.upload_dir
+
+    def _on_request(self, message: Message, frame: zmq.Frame, upload: bytes | None) -> None:
+        """Queue a request (``upload``: its body's temp file, checked to be genuine)."""
         conn = message.conn_id
-        if conn in self.refused:
-            self._remove_file(message.upload_path)
+        if conn in self.refused or self._refuse(message):
+            self._remove_file(upload)
             return
-        if self._refuse(message):
-            self._remove_file(message.upload_path)
-            return
-        pending = Pending(conn, message.sender, frame, time.monotonic(), message.upload_path)
+        pending = Pending(conn, message.sender, frame, time.monotonic(), upload)
         if conn in self.in_flight or conn in self.behind:
             self.behind.setdefault(conn, deque()).append(pending)  # keep pipelined order
             return
@@ -187,9 +221,13 @@ class Dispatcher:
             status, reason = 413, "body over max_body_size"
         else:
             return False
-        self.refused[message.conn_id] = time.monotonic() + 2.0  # drop what follows on it
-        self._send_error(message.sender, message.conn_id, status, reason)
+        self._reject(message, status, reason)
         return True
+
+    def _reject(self, message: Message, status: int, reason: str) -> None:
+        """Answer with an error, close the connection and drop what follows on it."""
+        self.refused[message.conn_id] = time.monotonic() + 2.0
+        self._send_error(message.sender, message.conn_id, status, reason)
 
     def _too_large(self, message: Message) -> bool:
         limit = self.settings.max_body_size

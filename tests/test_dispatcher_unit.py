@@ -137,7 +137,7 @@ def stack(run_dir: Path):
     context = zmq.Context()
     mongrel2 = Mongrel2Peer(context, run)
     settings = Settings(run_dir=str(run_dir), queue_timeout=1, timeout=1, max_queue=3,
-                        max_body_size=1000)
+                        max_body_size=5000, content_length=1024)
     process = subprocess.Popen([sys.executable, "-m", "circus_wsgi", "dispatcher",
                                 *settings.to_argv()])
     deadline = time.monotonic() + 10
@@ -287,7 +287,7 @@ def test_smuggling_gets_400_and_what_follows_on_the_connection_is_dropped(stack)
 
 def test_a_body_over_max_body_size_gets_413(stack):
     mongrel2, worker, *_ = stack
-    mongrel2.send(request_bytes(1, headers={b"content-length": b"5000"}))
+    mongrel2.send(request_bytes(1, headers={b"content-length": b"6000"}))
     assert mongrel2.receive_error(1) == b"HTTP/1.1 413 Request Entity Too Large"
 
 
@@ -331,3 +331,31 @@ def test_sigterm_answers_queued_requests_and_exits_0(stack):
     process.send_signal(signal.SIGTERM)
     assert mongrel2.receive_error(1).startswith(b"HTTP/1.1 503")
     assert process.wait(5) == 0
+
+
+def test_forged_upload_headers_get_400_and_no_file_is_touched(stack, tmp_path):
+    mongrel2, worker, *_ = stack
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    forged = {b"x-mongrel2-upload-start": str(victim).encode(),
+              b"x-mongrel2-upload-done": str(victim).encode()}
+    mongrel2.send(request_bytes(1, headers=forged))  # an inline request: nothing was uploaded
+    assert mongrel2.receive_error(1) == b"HTTP/1.1 400 Bad Request"
+    mongrel2.send(request_bytes(2, headers={b"x-mongrel2-upload-start": str(victim).encode()}))
+    assert mongrel2.receive_error(2) == b"HTTP/1.1 400 Bad Request"
+    assert victim.read_bytes() == b"keep me"
+    assert worker().idle()
+
+
+def test_a_genuine_upload_is_dispatched_once_done(stack):
+    mongrel2, worker, process, settings, _ = stack
+    upload = RunDir(Path(settings.run_dir)).uploads / "upload.AbC123"
+    upload.write_bytes(b"x" * 2000)  # over content_length: mongrel2 spools it
+    start = {b"content-length": b"2000", b"x-mongrel2-upload-start": str(upload).encode()}
+    taker = worker()
+    mongrel2.send(request_bytes(1, headers=start))
+    assert taker.idle()  # the body is still arriving
+    done = {**start, b"x-mongrel2-upload-done": str(upload).encode()}
+    mongrel2.send(request_bytes(1, headers=done))
+    assert taker.take() == b"1"
+    assert upload.exists()  # the worker reads and deletes it
