@@ -1,0 +1,650 @@
+"""The worker process: takes requests, runs the WSGI application, sends the responses.
+
+Owns one worker's sockets, signals, threads and draining; the HTTP is
+:mod:`circus_wsgi.wsgi`'s, the wire format :mod:`circus_wsgi.protocol`'s.
+
+Requests come one of two ways (setting ``mode``):
+
+- ``dispatcher``: a DEALER to the dispatcher's ROUTER, speaking
+  :mod:`circus_wsgi.dispatch_protocol` (READY, REPLY, DONE, LEAVING).
+- ``direct``: PULL from mongrel2's send_spec, XPUB to its recv_spec. The
+  worker takes requests only once mongrel2 has subscribed to its responses
+  (an XPUB sees the subscription), so no early reply is lost. mongrel2 deals
+  requests and notices round-robin, so there is no flow control, a slow
+  request delays those dealt behind it, and requests queued in a stopping
+  worker are lost (see DESIGN.md).
+
+With ``threads == 1`` the application runs in the loop's own thread: a request
+costs no hand-off. With more, a pool of threads runs the application; every
+ZeroMQ socket stays in the loop's thread (they are not thread-safe). The
+application threads hand their messages over through a queue and a wake-up
+pipe, and get their credit and disconnect notices through their request's
+own queue.
+
+Signals: SIGTERM: take nothing new, finish what is held, exit 0 within
+graceful_timeout. SIGINT and SIGQUIT: exit at once. :data:`exits.STUCK_SIGNAL`
+keeps its default action (terminate), so the dispatcher can kill a stuck worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import zmq
+
+from . import dispatch_protocol as dp
+from . import exits, httpmsg, protocol
+from .accesslog import AccessLog, Entry
+from .appload import AppLoadError, load_app, load_mounts, prepare_path
+from .lifeline import die_with_parent
+from .protocol import Kind, Message, ProtocolError
+from .rundir import RunDir
+from .settings import Settings
+from .wsgi import SLACK, ClientGone, Exchange, Pacer, Router, Site, wants_keep_alive
+
+__all__ = ["run_worker", "Worker", "build_router"]
+
+log = logging.getLogger("circus_wsgi.worker")
+
+#: mongrel2 1.12's download window per connection (MAX_CREDITS; not a setting).
+WINDOW = 100 * 1024
+#: A client that takes no byte of its response for this long is given up.
+STALLED = 60.0
+#: The loop wakes up at least this often (seconds) to look at its timers.
+TICK = 0.25
+#: Frames taken from the socket per wake-up before the timers are looked at.
+BATCH = 64
+#: After a refusal for request smuggling, what follows on that connection is dropped this long.
+REFUSED_FOR = 2.0
+
+
+class Refused(Exception):
+    """A request that must not reach the application: it gets ``status`` and a close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+# --------------------------------------------------------------------------
+# One response on its way out
+
+
+class Outbox:
+    """Sends one response as mongrel2 messages, paced by its :class:`Pacer`.
+
+    ``deliver(outbox, messages, done)`` takes the messages to the loop thread
+    (a call there, a hand-over from an application thread); ``wait(outbox,
+    seconds)`` returns when a notice may have arrived. Notices reach the
+    outbox by :meth:`notice`, in the loop thread.
+    """
+
+    __slots__ = ("sender", "conn_id", "pacer", "gone", "started", "notices", "_deliver",
+                 "_wait", "_seen", "_stall")
+
+    def __init__(self, message: Message, pacer: Pacer, deliver: Callable, wait: Callable,
+                 threaded: bool) -> None:
+        self.sender, self.conn_id, self.pacer = message.sender, message.conn_id, pacer
+        self.gone = False  # the client left (or stalled): send nothing more
+        self.started = False  # some of the response went out before finish()
+        self.notices: Optional[queue.SimpleQueue] = queue.SimpleQueue() if threaded else None
+        self._deliver, self._wait = deliver, wait
+        self._seen, self._stall = -1, 0.0
+
+    def notice(self, message: Message) -> None:
+        """A disconnect or credits notice for this connection (loop thread)."""
+        if self.notices is None:
+            self._apply(message)
+        else:
+            self.notices.put(message)
+
+    def absorb(self, timeout: float = 0.0) -> None:
+        """Apply the notices handed to this application thread, waiting up to ``timeout``."""
+        if self.notices is None:
+            return
+        try:
+            message = self.notices.get(timeout=timeout) if timeout > 0 else \
+                self.notices.get_nowait()
+            while True:
+                self._apply(message)
+                message = self.notices.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _apply(self, message: Message) -> None:
+        if message.kind is Kind.DISCONNECT:
+            self.gone = True
+        else:
+            self.pacer.granted(message.credits)
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` as the pacing allows; wait while too much is held."""
+        if self.gone:
+            raise ClientGone
+        self.started = True
+        self.pacer.add(data)
+        self._send(self._messages(), False)
+        while self.pacer.blocked():
+            self._await()
+            self._send(self._messages(), False)
+
+    def finish(self, data: bytes, close: bool) -> None:
+        """Send the last ``data`` and the close message if ``close``; the request is done."""
+        if not self.gone and not self.started and self.pacer.fits(len(data)):
+            messages = [protocol.response(self.sender, self.conn_id, data)] if data else []
+        else:
+            self.started = True
+            self.pacer.add(data)
+            try:
+                messages = self._drain()
+            except ClientGone:
+                return self._deliver(self, [], True)
+        if close:
+            messages.append(protocol.close(self.sender, self.conn_id))
+        self._deliver(self, messages, True)
+
+    def _drain(self) -> list[bytes]:
+        """Send what is held until the response is settled; return the last messages."""
+        while True:
+            if self.gone:
+                raise ClientGone
+            messages = self._messages()
+            if self.pacer.settled():
+                return messages
+            self._send(messages, False)
+            self._await()
+
+    def _messages(self) -> list[bytes]:
+        return [protocol.response(self.sender, self.conn_id, body)
+                for body in self.pacer.take(time.monotonic())]
+
+    def _send(self, messages: list[bytes], done: bool) -> None:
+        if messages:
+            self._deliver(self, messages, done)
+
+    def _await(self) -> None:
+        """Wait for credits or for the pacing interval; ClientGone if the client left."""
+        now = time.monotonic()
+        pause = self.pacer.wait_time(now)
+        if pause is None:
+            if self.pacer.credit != self._seen:
+                self._seen, self._stall = self.pacer.credit, now + STALLED
+            elif now >= self._stall:
+                log.warning("connection %s took no bytes for %.0fs: closing it",
+                            self.conn_id.decode(), STALLED)
+                self.gone = True
+                self._deliver(self, [protocol.close(self.sender, self.conn_id)], False)
+            pause = self._stall - now
+        self._wait(self, pause)
+        self.absorb()
+        if self.gone:
+            raise ClientGone
+
+
+# --------------------------------------------------------------------------
+# The two ways to mongrel2
+
+
+class DispatcherLink:
+    """A DEALER to the dispatcher's ROUTER, speaking :mod:`dispatch_protocol`."""
+
+    direct = False
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        for option, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 1000)):
+            self.socket.setsockopt(option, value)
+        self.socket.connect(endpoint)
+        self.pid = b"%d" % os.getpid()
+
+    def start(self, stopped: Callable[[], bool]) -> bool:
+        return True
+
+    def ready(self, free: int) -> None:
+        self.socket.send_multipart([dp.READY, self.pid, b"%d" % free])
+
+    def leave(self) -> list[list[bytes]]:
+        self.socket.send(dp.LEAVING)
+        return []
+
+    def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
+        self.socket.send_multipart([dp.DONE if done else dp.REPLY, conn_id, *messages],
+                                   copy=False)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class DirectLink:
+    """Straight on mongrel2's sockets: PULL from send_spec, XPUB to recv_spec."""
+
+    direct = True
+
+    def __init__(self, context: zmq.Context, send_spec: str, recv_spec: str) -> None:
+        self.out = context.socket(zmq.XPUB)
+        self.out.setsockopt(zmq.SNDHWM, 0)  # a PUB drops what passes its HWM
+        self.out.setsockopt(zmq.LINGER, 2000)
+        self.out.connect(recv_spec)
+        self.socket = context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.send_spec = send_spec
+
+    def start(self, stopped: Callable[[], bool]) -> bool:
+        """Take requests once mongrel2 has subscribed; False if stopped before."""
+        while not self.out.poll(TICK * 1000):
+            if stopped():
+                return False
+        self.out.recv()
+        self.socket.connect(self.send_spec)
+        return True
+
+    def ready(self, free: int) -> None:
+        pass
+
+    def leave(self) -> list[list[bytes]]:
+        """Stop taking requests; return those already received."""
+        taken = []
+        while True:
+            try:
+                taken.append(self.socket.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        self.socket.close()
+        return taken
+
+    def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
+        for message in messages:
+            self.out.send(message, copy=False)
+
+    def close(self) -> None:
+        if not self.socket.closed:
+            self.socket.close()
+        self.out.close()
+
+
+# --------------------------------------------------------------------------
+# The worker
+
+
+class Worker:
+    """One worker process's loop. ``run()`` serves until stopped and returns the exit status."""
+
+    def __init__(self, settings: Settings, router: Router, access: AccessLog,
+                 context: Optional[zmq.Context] = None) -> None:
+        self.settings, self.router, self.access = settings, router, access
+        self.threads = settings.threads
+        self.inline = settings.threads == 1
+        self.flow = settings.flow_control and settings.mode == "dispatcher"
+        run = RunDir(Path(settings.run_dir)) if settings.run_dir else None
+        self.uploads = str(run.uploads) if run else None
+        self.limit = settings.max_requests and (
+            settings.max_requests + random.randint(0, settings.max_requests_jitter))
+        self.context = context or zmq.Context()
+        self.link = self._link(settings, run)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.link.socket, zmq.POLLIN)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.active: dict[bytes, Outbox] = {}
+        self.pending: deque = deque()
+        self.refused: dict[bytes, float] = {}
+        self.held = self.served = self.malformed = 0
+        self.busy = False  # inline: the application is running in this thread
+        self.signalled = ""  # the reason to stop, set by a signal or max_requests
+        self.stopping = False
+        self.bye = self.link.direct  # the dispatcher said BYE (direct mode: nothing to wait for)
+        self.heard = self.stopped_at = time.monotonic()
+
+    def _link(self, settings: Settings, run: Optional[RunDir]) -> Any:
+        if settings.mode == "direct":
+            send_spec = settings.send_spec or (run.mongrel2_send if run else "")
+            recv_spec = settings.recv_spec or (run.mongrel2_recv if run else "")
+            if not (send_spec and recv_spec):
+                raise ValueError("setting 'run_dir' (or both 'send_spec' and 'recv_spec') is "
+                                 "needed to find mongrel2's sockets")
+            return DirectLink(self.context, send_spec, recv_spec)
+        if run is None:
+            raise ValueError("setting 'run_dir' is needed to find the dispatcher's socket")
+        return DispatcherLink(self.context, run.dispatcher)
+
+    # -- the loop
+
+    def run(self) -> int:
+        """Serve until stopped; the exit status."""
+        self._install_signals()
+        if not self.link.start(lambda: bool(self.signalled)):
+            return exits.EXIT_OK
+        log.info("worker %d serving (%s mode, %d thread%s)", os.getpid(), self.settings.mode,
+                 self.threads, "" if self.inline else "s")
+        self.link.ready(self.threads)
+        if not self.inline:
+            for number in range(self.threads):
+                threading.Thread(target=self._app_thread, name=f"app-{number}",
+                                 daemon=True).start()
+        while not self._finished():
+            self._poll(TICK)
+            self._tick()
+        log.info("worker %d stopped after %d requests", os.getpid(), self.served)
+        return exits.EXIT_OK
+
+    def _finished(self) -> bool:
+        if not self.stopping:
+            return False
+        if self.held:
+            return False
+        return self.bye or time.monotonic() - self.stopped_at > dp.SILENCE_LIMIT
+
+    def _poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for frames or hand-overs, and handle them."""
+        for item, _ in self.poller.poll(timeout * 1000):
+            if item is self.link.socket:
+                self._take_frames()
+            else:
+                self._take_results()
+        while self.pending and not self.busy:
+            self._serve(*self.pending.popleft())
+
+    def _take_frames(self) -> None:
+        handle = self._on_link_direct if self.link.direct else self._on_link_dispatcher
+        socket = self.link.socket
+        for _ in range(BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _take_results(self) -> None:
+        try:
+            os.read(self.wake_r, 4096)
+        except BlockingIOError:
+            pass
+        while not self.results.empty():
+            self._deliver(*self.results.get())
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.signalled and not self.stopping:
+            self._begin_stop(now)
+        if not self.stopping and not self.link.direct and now - self.heard > dp.SILENCE_LIMIT:
+            self.link.ready(self.threads - self.held)  # the dispatcher may not know us
+            self.heard = now
+        if self.refused:
+            for conn_id in [c for c, until in self.refused.items() if until < now]:
+                del self.refused[conn_id]
+
+    # -- stopping
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_quit)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        signal.signal(signal.SIGALRM, self._on_deadline)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self._request_stop("SIGTERM")
+
+    def _request_stop(self, reason: str) -> None:
+        """Stop at the loop's next turn, and in any case by graceful_timeout from now."""
+        if self.signalled:
+            return
+        self.signalled = reason
+        signal.setitimer(signal.ITIMER_REAL, max(self.settings.graceful_timeout, 0.001))
+
+    @staticmethod
+    def _on_quit(signum: int, frame: Any) -> None:
+        _exit_now(b"worker %d: exiting at once on signal %d\n" % (os.getpid(), signum))
+
+    def _on_deadline(self, signum: int, frame: Any) -> None:
+        _exit_now(b"worker %d: graceful_timeout passed with %d requests unfinished\n"
+                  % (os.getpid(), self.held))
+
+    def _begin_stop(self, now: float) -> None:
+        log.info("worker %d stopping (%s), holding %d requests", os.getpid(), self.signalled,
+                 self.held)
+        self.stopping, self.stopped_at = True, now
+        if self.link.direct:
+            self.poller.unregister(self.link.socket)
+        for frames in self.link.leave():  # direct mode: requests already received
+            self._on_link_direct(frames)
+
+    def close(self) -> None:
+        """Close the sockets (their linger lets the last responses out)."""
+        self.link.close()
+        self.context.term()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    # -- frames in
+
+    def _on_link_dispatcher(self, frames: list[bytes]) -> None:
+        self.heard = time.monotonic()
+        command = frames[0]
+        if (command == dp.REQUEST or command == dp.NOTICE) and len(frames) > 1:
+            self._on_message(frames[1])
+        elif command == dp.BYE:
+            self.bye = True
+        elif command != dp.HEARTBEAT:
+            self.malformed += 1
+            log.warning("unknown frames from the dispatcher: %r", frames[:2])
+
+    def _on_link_direct(self, frames: list[bytes]) -> None:
+        self._on_message(frames[0])
+
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            message = protocol.parse(raw)
+        except ProtocolError as error:
+            self.malformed += 1
+            log.warning("malformed message #%d (%s): %r", self.malformed, error, raw[:120])
+            return
+        kind = message.kind
+        if kind is Kind.REQUEST or kind is Kind.UPLOAD_DONE:
+            self._accept(message)
+        elif kind is Kind.UPLOAD_START:
+            self._upload_started(message)
+        else:
+            outbox = self.active.get(message.conn_id)
+            if outbox is not None:
+                outbox.notice(message)
+
+    def _upload_started(self, message: Message) -> None:
+        """Direct mode: refuse at once an upload whose declared length is too large.
+
+        (The dispatcher keeps upload-start messages to itself.) The close makes
+        mongrel2 abort the upload and delete its file.
+        """
+        length = message.headers.get(b"content-length")
+        limit = self.settings.max_body_size
+        if self.link.direct and limit and isinstance(length, bytes) and length.isdigit() \
+                and int(length) > limit:
+            self._send_refusal(message, 413)
+
+    # -- requests
+
+    def _accept(self, message: Message) -> None:
+        if message.conn_id in self.refused:  # after a smuggling attempt on that connection
+            path = protocol.upload_file(message, self.uploads) if self.uploads else None
+            if path is not None:
+                _unlink(path)
+            return
+        self.held += 1
+        outbox = Outbox(message, self._pacer(message),
+                        self._deliver if self.inline else self._hand_over,
+                        self._pump if self.inline else Outbox.absorb, not self.inline)
+        self.active[message.conn_id] = outbox
+        try:
+            body, length = self._body(message)
+        except Refused as refusal:
+            log.warning("refused %s %s: %s", message.headers[b"METHOD"].decode("latin-1"),
+                        message.path.decode("latin-1"), refusal)
+            return self._refuse(message, outbox, refusal.status)
+        if not self.inline:
+            self.jobs.put((message, outbox, body, length))
+        elif self.busy:
+            self.pending.append((message, outbox, body, length))
+        else:
+            self._serve(message, outbox, body, length)
+
+    def _pacer(self, message: Message) -> Pacer:
+        if not self.flow:
+            return Pacer(None)
+        window = message.credits  # DOWNLOAD_CREDITS: only in a connection's first request
+        return Pacer(window) if window else Pacer(WINDOW, WINDOW - SLACK)
+
+    def _body(self, message: Message) -> tuple[Any, Optional[int]]:
+        """The request body as a file for wsgi.input and its length (None: inline)."""
+        if protocol.is_smuggling_risk(message):
+            self.refused[message.conn_id] = time.monotonic() + REFUSED_FOR
+            raise Refused(400, "ambiguous body length (request smuggling)")
+        if message.kind is not Kind.UPLOAD_DONE:
+            return None, None
+        path = protocol.upload_file(message, self.uploads) if self.uploads else None
+        if path is None:
+            raise Refused(400, f"upload file {message.upload_path!r} is not in "
+                               f"{self.uploads or 'a known directory (set run_dir)'}")
+        try:
+            body = open(path, "rb")
+        except OSError as error:
+            raise Refused(400, f"upload file unreadable: {error}") from None
+        _unlink(path)  # gone from the disk in every path; the open file still reads
+        length = os.fstat(body.fileno()).st_size
+        if self.settings.max_body_size and length > self.settings.max_body_size:
+            body.close()
+            raise Refused(413, f"body of {length} bytes over max_body_size")
+        return body, length
+
+    def _refuse(self, message: Message, outbox: Outbox, status: int) -> None:
+        started, clock = time.time(), time.perf_counter()
+        outbox.finish(httpmsg.error_response(status), True)
+        self._log(self.router.site(message).environ(message), status, 0, started, clock)
+
+    def _send_refusal(self, message: Message, status: int) -> None:
+        """Answer ``status`` and close, for a message that is not a held request."""
+        self.link.send(message.conn_id, [
+            protocol.response(message.sender, message.conn_id, httpmsg.error_response(status)),
+            protocol.close(message.sender, message.conn_id)], True)
+
+    def _serve(self, message: Message, outbox: Outbox, body: Any, length: Optional[int]) -> None:
+        """Run the application for one request (in the loop or an application thread)."""
+        started, clock = time.time(), time.perf_counter()
+        site = self.router.site(message)
+        environ = site.environ(message, body, length)
+        headers = message.headers
+        exchange = Exchange(outbox, headers[b"METHOD"], wants_keep_alive(message),
+                            headers.get(b"VERSION") == b"HTTP/1.0")
+        outbox.absorb()
+        self.busy = self.inline
+        try:
+            if outbox.gone:
+                outbox.finish(b"", False)
+            else:
+                exchange.run(site.app, environ)
+        finally:
+            self.busy = False
+            if body is not None:
+                body.close()
+        self._log(environ, exchange.status, exchange.sent, started, clock)
+
+    def _log(self, environ: dict, status: int, sent: int, started: float, clock: float) -> None:
+        if self.access.enabled:
+            self.access.log(Entry(environ, status, sent, started, time.perf_counter() - clock))
+
+    def _app_thread(self) -> None:
+        while True:
+            self._serve(*self.jobs.get())
+
+    # -- messages out (loop thread)
+
+    def _deliver(self, outbox: Outbox, messages: list[bytes], done: bool) -> None:
+        self.link.send(outbox.conn_id, messages, done)
+        if done:
+            self._done(outbox)
+
+    def _done(self, outbox: Outbox) -> None:
+        if self.active.get(outbox.conn_id) is outbox:
+            del self.active[outbox.conn_id]
+        self.held -= 1
+        self.served += 1
+        if self.limit and self.served >= self.limit:
+            self._request_stop(f"max_requests {self.limit}")
+
+    def _hand_over(self, outbox: Outbox, messages: list[bytes], done: bool) -> None:
+        """From an application thread: the loop thread sends these."""
+        self.results.put((outbox, messages, done))
+        try:
+            os.write(self.wake_w, b"r")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake anyway
+
+    def _pump(self, outbox: Outbox, timeout: float) -> None:
+        """Inline: wait for notices while the application's response waits for credits."""
+        self._poll(timeout)
+
+
+def _unlink(path: bytes) -> None:
+    try:
+        os.unlink(path)
+    except OSError as error:
+        log.warning("cannot delete upload file %r: %s", path, error)
+
+
+def _exit_now(line: bytes) -> None:
+    """Leave at once, from a signal handler: no locks, no cleanup but the log's last line."""
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError, RuntimeError):
+        pass
+    os.write(2, line)
+    os._exit(exits.EXIT_OK)
+
+
+# --------------------------------------------------------------------------
+# Entry point
+
+
+def build_router(settings: Settings) -> Router:
+    """The applications of ``settings`` (root and mounts), each as a :class:`Site`."""
+    os.environ.update(dict(settings.env))
+    prepare_path(settings.chdir, settings.virtualenv)
+    if not settings.app:
+        raise AppLoadError("no application given: circus-wsgi worker MODULE:CALLABLE")
+    options = dict(bind=settings.bind, multithread=settings.threads > 1,
+                   multiprocess=settings.workers > 1)
+    root = Site(load_app(settings.app), "/", **options)
+    mounts = [Site(app, prefix, **options) for prefix, app in load_mounts(settings.mounts)]
+    return Router(root, mounts)
+
+
+def run_worker(settings: Settings) -> int:
+    """Entry point of ``circus-wsgi worker``: serve until stopped; the exit status."""
+    logging.basicConfig(stream=sys.stderr, level=settings.log_level.upper(),
+                        format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
+    die_with_parent()
+    try:
+        router = build_router(settings)
+        access = AccessLog(settings.access_log, settings.access_log_format)
+        worker = Worker(settings, router, access)
+    except (AppLoadError, ValueError, OSError) as error:
+        print("circus-wsgi worker: " + " ".join(str(error).split()), file=sys.stderr)
+        return exits.EXIT_USAGE
+    try:
+        return worker.run()
+    finally:
+        worker.close()
+        access.close()
