@@ -572,6 +572,8 @@ class Worker:
     # -- messages out (loop thread)
 
     def _deliver(self, outbox: Outbox, messages: list[bytes], done: bool) -> None:
+        if done and self.signalled and not self.stopping:
+            self._begin_stop(time.monotonic())  # LEAVING before DONE frees a slot
         self.link.send(outbox.conn_id, messages, done)
         if done:
             self._done(outbox)

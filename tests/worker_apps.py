@@ -167,7 +167,7 @@ def file_wrapper(environ, start_response):
 
 
 def closes(environ, start_response):
-    return _json(start_response, closed)
+    return _json(start_response, {"count": closed["count"], "pid": os.getpid()})
 
 
 def connection_close(environ, start_response):
