@@ -110,6 +110,9 @@ def _circus_section(settings: Settings, run: RunDir) -> Section:
                 "pubsub_endpoint": _raw("run_dir", settings.run_dir, run.circus_pubsub),
                 "stats_endpoint": stats,
                 "statsd": "True",  # runs circusd-stats, which circus-top reads
+                # The only way plugin output (the flapping plugin's decisions) reaches
+                # circusd's output; it changes nothing else of circusd's own logging.
+                "debug": "True",
                 "multicast_endpoint": "",  # no UDP discovery socket on 0.0.0.0:12027
                 "check_delay": _number(CHECK_DELAY),
             })

@@ -54,6 +54,6 @@ HEARTBEAT = b"H"
 BYE = b"B"
 
 #: Seconds between the dispatcher's heartbeats to each worker.
-HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_INTERVAL = 0.25
 #: Seconds of silence after which a worker announces itself again.
-SILENCE_LIMIT = 1.5
+SILENCE_LIMIT = 1.0

@@ -45,13 +45,19 @@ class WorkerState:
     held: set = field(default_factory=set)
     leaving: bool = False  # said LEAVING: takes nothing new
     doomed: bool = False  # killed for a stuck request: takes nothing new
+    exited: float | None = None  # when its process was seen to exit
     dispatched: int = 0
     completed: int = 0
     failed: int = 0
 
     @property
+    def retired(self) -> bool:
+        """Leaving, killed or exited: it gets no new request."""
+        return self.leaving or self.doomed or self.exited is not None
+
+    @property
     def takes_work(self) -> bool:
-        return not self.leaving and not self.doomed and self.free > 0
+        return not self.retired and self.free > 0
 
 
 @dataclass

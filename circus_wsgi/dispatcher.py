@@ -39,6 +39,9 @@ log = logging.getLogger("circus_wsgi.dispatcher")
 BATCH = 256
 #: How often queue and request deadlines are checked, in seconds.
 TICK = 0.1
+#: After a worker's process exits, how long its last frames (already sent, maybe not
+#: yet read) may take to arrive before what it still holds is answered with 502.
+EXIT_GRACE = 0.1
 
 
 class Dispatcher:
@@ -49,7 +52,9 @@ class Dispatcher:
         run = RunDir(Path(settings.run_dir))
         self.context = context or zmq.Context.instance()
         self.requests = self._socket(zmq.PULL, connect=settings.send_spec or run.mongrel2_send)
-        self.responses = self._socket(zmq.PUB, connect=settings.recv_spec or run.mongrel2_recv)
+        # An XPUB, not a PUB: it reports mongrel2's subscription, and until that has
+        # arrived every response sent would be dropped without a word.
+        self.responses = self._socket(zmq.XPUB, connect=settings.recv_spec or run.mongrel2_recv)
         self.workers_socket = self._socket(zmq.ROUTER, bind=run.dispatcher)
         self.workers_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.status_socket = self._socket(zmq.REP, bind=run.dispatcher_status)
@@ -62,8 +67,9 @@ class Dispatcher:
         self.refused: dict[bytes, float] = {}  # conn_id -> until when its requests are dropped
         self.counters = Counters()
         self.poller = zmq.Poller()
-        for sock in (self.requests, self.workers_socket, self.status_socket):
+        for sock in (self.responses, self.status_socket):  # the rest once mongrel2 listens
             self.poller.register(sock, zmq.POLLIN)
+        self.mongrel2_listens = False
         self.pidfds: dict[int, bytes] = {}  # pidfd -> worker identity
         self.upload_dir = os.fsencode(run.uploads)
         self.stopping = False
@@ -99,12 +105,14 @@ class Dispatcher:
             now = time.monotonic()
             if self.stopping:
                 deadline = deadline or self._begin_stop(now)
-                if not self.in_flight or now >= deadline:
+                if (not self.in_flight and not self.queue) or now >= deadline:
                     break
             wait = max(0.0, min(next_tick, next_beat) - now)
             for sock, _ in self.poller.poll(wait * 1000):
                 if sock is self.requests:
                     self._drain(self.requests, self._on_mongrel2)
+                elif sock is self.responses:
+                    self._on_subscription()
                 elif sock is self.workers_socket:
                     self._drain(self.workers_socket, self._on_worker)
                 elif sock is self.status_socket:
@@ -129,6 +137,15 @@ class Dispatcher:
         if self.stopping and signum != signal.SIGTERM:
             raise SystemExit(EXIT_OK)  # a second Ctrl-C: stop at once
         self.stopping = True
+
+    def _on_subscription(self) -> None:
+        """mongrel2's SUB socket (re)connected: responses reach it from now on."""
+        while self.responses.poll(0):
+            if self.responses.recv()[:1] == b"\x01" and not self.mongrel2_listens:
+                self.mongrel2_listens = True
+                self.poller.register(self.requests, zmq.POLLIN)
+                self.poller.register(self.workers_socket, zmq.POLLIN)
+                log.info("mongrel2 connected")
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
         for _ in range(BATCH):
@@ -343,7 +360,7 @@ class Dispatcher:
                 worker.held.discard(conn)
                 worker.completed += 1
             self._release_behind(conn)
-        if worker is not None and not worker.leaving and not worker.doomed:
+        if worker is not None and not worker.retired:
             worker.free += 1
             self.slots.append(identity)
         self._dispatch()
@@ -362,9 +379,14 @@ class Dispatcher:
     # ------------------------------------------------- failures and time
 
     def _on_worker_exit(self, pidfd: int) -> None:
-        identity = self.pidfds.get(pidfd)
-        if identity is not None:
-            self._worker_gone(identity, "worker died")
+        """The process exited: give it nothing more; :meth:`_expire` settles it."""
+        identity = self.pidfds.pop(pidfd)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.pidfd = None
+            worker.exited = time.monotonic()
 
     def _worker_gone(self, identity: bytes, reason: str) -> None:
         """Answer 502 for every request the worker held; forget it."""
@@ -373,7 +395,8 @@ class Dispatcher:
             self.poller.unregister(worker.pidfd)
             del self.pidfds[worker.pidfd]
             os.close(worker.pidfd)
-        for conn in list(worker.held):
+        held = len(worker.held)
+        for conn in worker.held:
             flight = self.in_flight.pop(conn, None)
             if flight is None:
                 continue
@@ -385,7 +408,8 @@ class Dispatcher:
                 self._answer(flight.pending, 502, reason)
             for pending in self.behind.pop(conn, ()):
                 pending.cancelled = True
-        log.warning("%s: worker %d, %d requests answered", reason, worker.pid, len(worker.held))
+        if held or reason != "worker exited":
+            log.warning("%s: worker %d, %d requests answered", reason, worker.pid, held)
         self._rebuild_slots()
         self._dispatch()
 
@@ -410,6 +434,9 @@ class Dispatcher:
             if not pending.cancelled:
                 self._answer(pending, 503, "no worker took it in queue_timeout",
                              retry_after=True)
+        exit_limit = now - EXIT_GRACE
+        for identity in [i for i, w in self.workers.items() if w.exited and w.exited < exit_limit]:
+            self._worker_gone(identity, "worker exited")
         stuck_limit = now - self.settings.timeout
         for conn, flight in list(self.in_flight.items()):
             if not flight.started and flight.dispatched < stuck_limit:
@@ -472,21 +499,22 @@ class Dispatcher:
     # ------------------------------------------------------ stopping
 
     def _begin_stop(self, now: float) -> float:
-        """Stop taking requests; answer the queued ones; give in-flight ones time to finish."""
+        """Take no more requests from mongrel2 (it keeps new ones for the next dispatcher);
+        serve those already taken until the deadline."""
         log.info("dispatcher stopping: %d queued, %d in flight", len(self.queue),
                  len(self.in_flight))
-        self.poller.unregister(self.requests)
+        if self.mongrel2_listens:
+            self._drain(self.requests, self._on_mongrel2)  # closing drops what is unread
+            self.poller.unregister(self.requests)
         self.requests.close(linger=0)
+        return now + min(self.settings.graceful_timeout, 10.0)
+
+    def _finish(self) -> None:
+        """Answer what could not be served before the deadline; close the sockets."""
         while self.queue:
             pending = self.queue.popleft()
             if not pending.cancelled:
                 self._answer(pending, 503, "dispatcher stopping", retry_after=True)
-        for waiting in self.behind.values():
-            for pending in waiting:
-                pending.cancelled = True
-        return now + min(self.settings.graceful_timeout, 10.0)
-
-    def _finish(self) -> None:
         for conn, flight in self.in_flight.items():
             self.responses.send(close(flight.pending.sender, conn))
         for pidfd in self.pidfds:
