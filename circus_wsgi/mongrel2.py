@@ -116,6 +116,7 @@ def mongrel2_config(settings: Settings) -> Mongrel2Config:
     require_resolved(settings)
     run = RunDir(Path(settings.run_dir))
     host, _, port = settings.bind.rpartition(":")
+    flow_control = settings.flow_control and settings.mode == "dispatcher"
     app_prefixes = ("/",) + tuple(prefix for prefix, _ in settings.mounts)
     return Mongrel2Config(
         uuid=settings.server_uuid,
@@ -138,7 +139,7 @@ def mongrel2_config(settings: Settings) -> Mongrel2Config:
             "limits.content_length": str(settings.content_length),
             "limits.buffer_size": str(settings.buffer_size),
             "limits.min_ping": str(settings.min_ping),
-            "download.flow_control": "1" if settings.flow_control else "0",
+            "download.flow_control": "1" if flow_control else "0",
             "upload.temp_store": run.upload_template,
             "upload.temp_store_mode": "0600",
             "control_port": run.mongrel2_control,

@@ -333,7 +333,8 @@ SETTINGS: tuple[Setting, ...] = (
        "S"),
     _S("flow_control", "limits", True, _boolean,
        "mongrel2's download.flow_control: streamed responses are paced by the client's "
-       "reading, keeping worker and mongrel2 memory bounded. Needs the dispatcher.", "BOOL"),
+       "reading, keeping worker and mongrel2 memory bounded. Dispatcher mode only: in direct "
+       "mode mongrel2 would deal credit notices to the wrong workers, so it is off there.", "BOOL"),
     # -- logging
     _S("access_log", "logging", "-", _text,
        "Where the workers write the access log: a file, - for stderr, or '' for none.", "FILE"),
@@ -386,11 +387,6 @@ class Settings:
 
     def _check_together(self) -> None:
         """Rules that involve more than one setting."""
-        if self.mode == "direct" and self.flow_control:
-            raise SettingsError(
-                "flow_control", True,
-                "needs mode=dispatcher: in direct mode mongrel2 deals credit notices to "
-                "workers round-robin; set flow_control false")
         routes = {"/"}  # the app's
         for name in ("mounts", "static"):
             for prefix, _ in self._values[name]:

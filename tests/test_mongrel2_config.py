@@ -162,6 +162,13 @@ def test_settings_change_the_limits_and_specs(run_dir: Path) -> None:
     assert mongrel2_config(resolved(run_dir, bind="0.0.0.0:80")).bind_addr == "0.0.0.0"
 
 
+def test_flow_control_is_off_in_direct_mode(run_dir: Path) -> None:
+    direct = mongrel2_config(resolved(run_dir, mode="direct", flow_control=True))
+    assert direct.settings["download.flow_control"] == "0"
+    dispatched = mongrel2_config(resolved(run_dir, flow_control=True))
+    assert dispatched.settings["download.flow_control"] == "1"
+
+
 def test_every_path_mongrel2_writes_is_in_the_run_dir(run_dir: Path) -> None:
     config = mongrel2_config(resolved(run_dir))
     run = str(run_dir / "run") + "/"

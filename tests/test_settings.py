@@ -80,8 +80,7 @@ VALID = [
 def test_valid_value_is_converted(name: str, given: object, kept: object,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(HERE.parent)
-    overrides = {"flow_control": False} if name == "mode" else {}
-    assert getattr(Settings(**{name: given, **overrides}), name) == kept
+    assert getattr(Settings(**{name: given}), name) == kept
 
 
 INVALID = [
@@ -136,9 +135,8 @@ def test_unknown_setting_is_refused() -> None:
 # -- rules that involve several settings
 
 
-def test_direct_mode_needs_flow_control_off() -> None:
-    assert error_of(mode="direct").name == "flow_control"
-    assert Settings(mode="direct", flow_control=False).mode == "direct"
+def test_direct_mode_alone_is_valid() -> None:
+    assert Settings(mode="direct").mode == "direct"
 
 
 @pytest.mark.parametrize("values,name", [
@@ -285,7 +283,6 @@ CLI_ERRORS = {  # kind of bad value: (arguments, setting named)
     "missing directory": ([APP, "--static", "/s=/no/such/dir"], "static"),
     "chdir": ([APP, "--chdir", "/no/such/dir"], "chdir"),
     "prefix twice": ([APP, "--mounts", "/=a:b"], "mounts"),
-    "together": ([APP, "--mode", "direct"], "flow_control"),
     "run_dir too long": ([APP, "--run-dir", "/tmp/" + "r" * 100], "run_dir"),
     "missing settings file": (["--settings", "/no/such/site.py"], "settings"),
     "bad value in settings file": (["--settings", "{bad_file}"], "threads"),
