@@ -5,7 +5,7 @@ PYTHON ?= python3
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test deps system-deps docs bench clean
+.PHONY: serve test deps system-deps docs bench bench-quick clean
 
 serve: deps
 	$(VENV)/bin/circus-wsgi serve examples.hello:app --static /static=examples/static
@@ -15,6 +15,19 @@ test: deps
 
 docs: deps
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+
+# make bench: the benchmark of docs/benchmarks.rst (about 30 min); bench-quick: hello only, < 3 min
+bench: deps $(VENV)/.bench-installed
+	$(VENV)/bin/python benchmarks/run.py
+
+bench-quick: deps $(VENV)/.bench-installed
+	$(VENV)/bin/python benchmarks/run.py --quick
+
+$(VENV)/.bench-installed: pyproject.toml
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q wrk; }
+	$(VENV)/bin/python -m pip install -q -e '.[bench]'
+	touch $@
 
 system-deps:
 	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null || { \

@@ -1,0 +1,1125 @@
+"""Benchmark circus-wsgi against Gunicorn, Granian, Waitress and mongrel2's own ceiling.
+
+Strategy: every server runs the same application (:mod:`benchmarks.apps`) with
+two worker processes, on 127.0.0.1, on a 2-core box shared with the load
+generator. Each round starts every server in turn, loads it with every
+scenario, and stops it (A B C ... A B C ...), so slow drifts of the machine
+touch every server alike; the report takes the median over rounds. Load comes
+from wrk (50 connections, keep-alive or ``Connection: close``) and, for the
+slow mix, from :mod:`benchmarks.slowmix`. Around each load run the CPU time of
+every process of the server (psutil, grouped by role: mongrel2, dispatcher,
+workers, manager) and of the load generator (its rusage) is taken, so the
+report shows where the CPU goes. Everything is bounded: each load run has a
+deadline, each server is stopped with SIGTERM and, past a deadline, SIGKILL of
+its whole process tree; nothing is left running.
+
+    .venv/bin/python benchmarks/run.py            full run, writes docs/benchmarks.rst + .png
+    .venv/bin/python benchmarks/run.py --quick    hello only, one round, under 3 minutes
+
+Results (JSON, server logs, profiles) go to benchmarks/results/ (git-ignored).
+``--report RESULTS.json`` rewrites the document from an earlier run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+BIN = Path(sys.executable).parent
+RESULTS = BENCH / "results"
+WRK_SCRIPT = BENCH / "wrk" / "bench.lua"
+APP = "benchmarks.apps:app"
+HOST = "127.0.0.1"
+#: Ports below the ephemeral range (32768-60999), where collisions were seen.
+PORTS = range(18200, 32000)
+CONNECTIONS = 50
+#: Before each load run, wait for the machine's other work to fall under this share
+#: of a core (sampled over QUIET_SAMPLE seconds), for at most --quiet-wait seconds.
+QUIET_THRESHOLD = 0.25
+QUIET_SAMPLE = 0.5
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+
+
+# ---------------------------------------------------------------------------
+# Scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    path: str = "/"
+    method: str = "GET"
+    body_size: int = 0
+    close: bool = False
+    client: str = "wrk"  # or "slowmix"
+    metric: str = "req/s"  # what the report ranks: req/s, or the fast p99 for the slow mix
+
+
+SCENARIOS = (
+    Scenario("hello", "hello (13 B), keep-alive"),
+    Scenario("hello-close", "hello (13 B), Connection: close", close=True),
+    Scenario("json", "JSON (1 KB), keep-alive", "/json"),
+    Scenario("big", "100 KB response, keep-alive", "/big"),
+    Scenario("upload", "1 MB POST echoed back, keep-alive", "/echo", "POST", 1 << 20),
+    Scenario("slowmix", "1 % of requests sleep 1 s (80 req/s, open loop)", client="slowmix",
+             metric="fast p99"),
+)
+QUICK_SCENARIOS = ("hello", "hello-close")
+
+
+# ---------------------------------------------------------------------------
+# Servers
+
+
+@dataclass
+class Launch:
+    """How one server instance is started: its argv, working dir and extra environment."""
+
+    argv: list[str]
+    cwd: Path = ROOT
+    env: dict[str, str] = field(default_factory=dict)
+    cleanup: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    title: str
+    launch: Callable[[int, Path], Launch]  # (port, log dir) -> Launch
+    group: Callable[[psutil.Process, int], str]  # (process, root pid) -> role
+    scenarios: tuple[str, ...] | None = None  # None: all
+    paths: dict[str, str] = field(default_factory=dict)  # scenario -> URL path override
+    stop_signals: tuple[int, ...] = (signal.SIGTERM,)
+    python_side: tuple[str, ...] = ("workers",)  # roles whose CPU is the Python side
+
+
+def _circus_group(proc: psutil.Process, root: int) -> str:
+    cmdline = " ".join(proc.cmdline())
+    if "circus_wsgi dispatcher" in cmdline:
+        return "dispatcher"
+    if "circus_wsgi worker" in cmdline:
+        return "workers"
+    if proc.name() == "mongrel2":
+        return "mongrel2"
+    return "manager"  # serve, circusd, circusd-stats, the flapping plugin
+
+
+def _master_and_workers(proc: psutil.Process, root: int) -> str:
+    if proc.pid == root or "resource_tracker" in " ".join(proc.cmdline()):
+        return "manager"
+    return "workers"
+
+
+def _single(role: str) -> Callable[[psutil.Process, int], str]:
+    return lambda proc, root: role
+
+
+def circus_wsgi(threads: int, direct: bool = False) -> Callable[[int, Path], Launch]:
+    def launch(port: int, logs: Path) -> Launch:
+        argv = [str(BIN / "circus-wsgi"), "serve", APP, "--bind", f"{HOST}:{port}",
+                "--workers", "2", "--threads", str(threads), "--chdir", str(ROOT),
+                "--access-log="]  # the others write no access log by default either
+        if direct:
+            argv += ["--mode", "direct", "--flow-control", "false"]
+        return Launch(argv)
+    return launch
+
+
+def gunicorn(worker_class: str) -> Callable[[int, Path], Launch]:
+    def launch(port: int, logs: Path) -> Launch:
+        argv = [str(BIN / "gunicorn"), "--workers", "2", "--bind", f"{HOST}:{port}",
+                "--chdir", str(ROOT), "--log-level", "warning", "--worker-class", worker_class]
+        if worker_class == "gthread":
+            argv += ["--threads", "4"]
+        return Launch(argv + [APP])
+    return launch
+
+
+def granian(port: int, logs: Path) -> Launch:
+    return Launch([str(BIN / "granian"), "--interface", "wsgi", "--workers", "2",
+                   "--host", HOST, "--port", str(port), "--log-level", "warning", "--no-ws",
+                   APP])
+
+
+WAITRESS = ("import logging, sys; logging.basicConfig(level=logging.ERROR); "
+            "import waitress, benchmarks.apps as apps; "
+            "waitress.serve(apps.app, listen=sys.argv[1], threads=4)")
+
+
+def waitress(port: int, logs: Path) -> Launch:
+    # waitress-serve logs a warning per queued task under load; this is the same
+    # server with its logging at ERROR.
+    return Launch([sys.executable, "-c", WAITRESS, f"{HOST}:{port}"])
+
+
+STATIC_FILES = {"hello.txt": b"Hello, World!", "big.bin": b"x" * (100 * 1024)}
+
+
+def mongrel2_static(port: int, logs: Path) -> Launch:
+    """mongrel2 alone serving files: a config from circus-wsgi's own generator with
+    a --static route, mongrel2 run directly."""
+    sys.path.insert(0, str(ROOT))
+    from circus_wsgi.mongrel2 import MONGREL2_WORKING_DIR, write_mongrel2_config
+    from circus_wsgi.rundir import RunDir
+    from circus_wsgi.settings import Settings
+
+    base = Path(tempfile.mkdtemp(prefix="cwb-", dir="/tmp"))
+    files = base / "files"
+    files.mkdir()
+    for name, content in STATIC_FILES.items():
+        (files / name).write_bytes(content)
+    settings = Settings(app=APP, bind=f"{HOST}:{port}", static=[("/static", str(files))]
+                        ).with_defaults_resolved(str(base / "run"))
+    RunDir(Path(settings.run_dir)).create()
+    db, _ = write_mongrel2_config(settings, base)
+    return Launch(["mongrel2", str(db), settings.server_uuid], cwd=Path(MONGREL2_WORKING_DIR),
+                  cleanup=lambda: shutil.rmtree(base, ignore_errors=True))
+
+
+SERVERS = (
+    Server("circus-t1", "circus-wsgi, threads 1", circus_wsgi(1), _circus_group,
+           python_side=("dispatcher", "workers")),
+    Server("gunicorn-sync", "Gunicorn sync", gunicorn("sync"), _master_and_workers),
+    Server("circus-t4", "circus-wsgi, threads 4", circus_wsgi(4), _circus_group,
+           python_side=("dispatcher", "workers")),
+    Server("gunicorn-gthread", "Gunicorn gthread 2x4", gunicorn("gthread"),
+           _master_and_workers),
+    Server("circus-direct", "circus-wsgi direct (no dispatcher)", circus_wsgi(1, direct=True),
+           _circus_group, python_side=("dispatcher", "workers")),
+    Server("granian", "Granian WSGI", granian, _master_and_workers),
+    Server("waitress", "Waitress 1x4 threads", waitress, _single("workers")),
+    Server("m2-static", "mongrel2 static file (ceiling)", mongrel2_static, _single("mongrel2"),
+           scenarios=("hello", "hello-close", "big"),
+           paths={"hello": "/static/hello.txt", "hello-close": "/static/hello.txt",
+                  "big": "/static/big.bin"},
+           stop_signals=(signal.SIGTERM, signal.SIGTERM), python_side=()),
+)
+REFERENCE = "gunicorn-sync"
+ROLES = ("mongrel2", "dispatcher", "workers", "manager", "loadgen", "other")
+
+
+# ---------------------------------------------------------------------------
+# Running servers
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+_next_port = iter(PORTS)
+
+
+def free_port() -> int:
+    for port in _next_port:
+        if _port_free(port):
+            return port
+    raise RuntimeError("no free port left in 18200-32000")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies (Linux prctl)."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _get(url: str, timeout: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read()
+            return response.status
+    except OSError:
+        return 0
+
+
+class Running:
+    """One started server: its process tree, its URL, and a bounded stop."""
+
+    def __init__(self, server: Server, logs: Path) -> None:
+        self.server = server
+        self.port = free_port()
+        self.launch = server.launch(self.port, logs)
+        self.log_path = logs / f"{server.name}-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.launch.env}
+        self.process = subprocess.Popen(
+            self.launch.argv, cwd=self.launch.cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent)
+        self.root = psutil.Process(self.process.pid)
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self.leftovers: list[str] = []
+
+    def url(self, scenario: Scenario) -> str:
+        return f"http://{HOST}:{self.port}{self.server.paths.get(scenario.name, scenario.path)}"
+
+    def processes(self) -> list[psutil.Process]:
+        """The root and all its descendants now (each remembered for the final stop)."""
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                self.seen.setdefault((proc.pid, proc.create_time()), proc)
+        return procs
+
+    def wait_ready(self, scenario: Scenario) -> None:
+        """Until the server answers 200 and (circus-wsgi) both workers are running."""
+        deadline = time.monotonic() + START_TIMEOUT
+        url = self.url(scenario)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.server.name} exited with {self.process.returncode};"
+                                   f" see {self.log_path.relative_to(ROOT)}")
+            if _get(url) == 200 and self._workers_up():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.server.name} not ready within {START_TIMEOUT:.0f} s; "
+                           f"see {self.log_path.relative_to(ROOT)}")
+
+    def _workers_up(self) -> bool:
+        if self.server.group is not _circus_group:
+            return True
+        roles = []
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                roles.append(_circus_group(proc, self.root.pid))
+        return roles.count("workers") >= 2
+
+    def cpu(self) -> dict[tuple[int, float], tuple[str, float]]:
+        """CPU seconds (user + system) so far of every process, by (pid, start time)."""
+        snapshot = {}
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                snapshot[(proc.pid, proc.create_time())] = (
+                    self.server.group(proc, self.root.pid), times.user + times.system)
+        return snapshot
+
+    def stop(self) -> None:
+        """SIGTERM (twice for mongrel2), wait, then SIGKILL whatever of the tree remains."""
+        self.processes()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for number, sig in enumerate(self.server.stop_signals):
+            if number:
+                time.sleep(0.5)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(max(0.1, deadline - time.monotonic()))
+        alive = [p for p in self.seen.values() if _alive(p)]
+        _, alive = psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                self.leftovers.append(" ".join(proc.cmdline())[:120])
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.log.close()
+        if self.launch.cleanup:
+            self.launch.cleanup()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+@contextlib.contextmanager
+def running(server: Server, logs: Path) -> Iterator[Running]:
+    instance = Running(server, logs)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        if instance.leftovers:
+            print(f"  ! {server.name}: killed leftover processes: {instance.leftovers}",
+                  flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+
+def _bounded(argv: list[str], deadline: float, cwd: Path = ROOT) -> tuple[str, float]:
+    """Run a load generator to completion (SIGKILL past ``deadline`` seconds);
+    return its output and its CPU seconds (from its rusage)."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    timer = _Timer(deadline, proc.pid)
+    try:
+        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        timer.cancel()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with {proc.returncode}: {output[-500:]}")
+    return output, usage.ru_utime + usage.ru_stime
+
+
+class _Timer:
+    """SIGKILL a process after a deadline, unless cancelled."""
+
+    def __init__(self, seconds: float, pid: int) -> None:
+        import threading
+        self._timer = threading.Timer(seconds, lambda: _kill_quietly(pid))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _machine_busy() -> float:
+    """CPU seconds all cores have spent busy since boot."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _report_line(output: str) -> dict:
+    for line in output.splitlines():
+        if line.startswith("BENCH-JSON "):
+            return json.loads(line[len("BENCH-JSON "):])
+    raise RuntimeError(f"no report in the load generator's output: {output[-500:]}")
+
+
+def wrk_argv(url: str, scenario: Scenario, duration: float, threads: int) -> list[str]:
+    seconds = max(1, round(duration))  # wrk takes whole seconds
+    argv = ["wrk", f"-t{threads}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "10s",
+            "-s", str(WRK_SCRIPT)]
+    if scenario.close:
+        argv += ["-H", "Connection: close"]
+    argv.append(url)
+    if scenario.method != "GET":
+        argv += ["--", scenario.method, str(scenario.body_size)]
+    return argv
+
+
+def slowmix_argv(url: str, duration: float) -> list[str]:
+    base = url.split("/", 3)
+    return [sys.executable, str(BENCH / "slowmix.py"), "/".join(base[:3]),
+            "--duration", f"{duration:g}", "--connections", str(CONNECTIONS)]
+
+
+def wait_for_quiet(max_wait: float, threshold: float = QUIET_THRESHOLD) -> float:
+    """Wait (at most ``max_wait`` s) until the machine's other work uses under
+    ``threshold`` of a core, with the server under test idle; return the seconds waited.
+
+    The box may be shared with jobs this benchmark cannot see or stop (other
+    containers): starting runs in their quiet moments keeps the numbers cleaner,
+    and each run's "other" CPU shows what was left.
+    """
+    started = time.monotonic()
+    while True:
+        before = _machine_busy()
+        time.sleep(QUIET_SAMPLE)
+        if (_machine_busy() - before) / QUIET_SAMPLE < threshold \
+                or time.monotonic() - started >= max_wait:
+            return time.monotonic() - started
+
+
+def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads: int,
+            quiet_wait: float = 0.0) -> dict:
+    """One load run against a running server: throughput, latency and CPU by role."""
+    waited = wait_for_quiet(quiet_wait) if quiet_wait else 0.0
+    url = instance.url(scenario)
+    if scenario.client == "slowmix":
+        argv = slowmix_argv(url, duration)
+    else:
+        argv = wrk_argv(url, scenario, duration, wrk_threads)
+    before, machine_before = instance.cpu(), _machine_busy()
+    started = time.monotonic()
+    output, loadgen_cpu = _bounded(argv, duration + 30)
+    wall = time.monotonic() - started
+    after, machine_after = instance.cpu(), _machine_busy()
+    report = _report_line(output)
+    cpu = {role: 0.0 for role in ROLES}
+    for key, (role, seconds) in after.items():
+        cpu[role] += seconds - before.get(key, (role, 0.0))[1]
+    cpu["loadgen"] = loadgen_cpu
+    # CPU the machine spent on anything else (other people's jobs, the kernel's
+    # softirq work not charged to a process): a check on the run's cleanliness.
+    cpu["other"] = max(0.0, machine_after - machine_before - sum(cpu.values()))
+    seconds = report["duration_us"] / 1e6
+    result = {"server": instance.server.name, "scenario": scenario.name, "wall": wall,
+              "waited_for_quiet": waited,
+              "requests": report["requests"], "rps": report["requests"] / seconds,
+              "cpu": cpu, "cpu_seconds": seconds, "raw": report,
+              "vanished": sorted(role for key, (role, _) in before.items() if key not in after)}
+    if scenario.client == "slowmix":
+        result["p50_ms"] = report["fast"]["latency_us"]["50"] / 1000
+        result["p99_ms"] = report["fast"]["latency_us"]["99"] / 1000
+        result["errors"] = report["fast"]["errors"] + report["slow"]["errors"]
+    else:
+        result["p50_ms"] = report["latency_us"]["50"] / 1000
+        result["p99_ms"] = report["latency_us"]["99"] / 1000
+        errors = report["errors"]
+        result["errors"] = errors["connect"] + errors["write"] + errors["status"] \
+            + errors["timeout"]
+        result["resets"] = errors["read"]  # a read failed: reset, or closed mid-response
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, duration: float,
+               slow_duration: float, warmup: float, wrk_threads: int, quiet_wait: float,
+               out: Path, failures: list[dict]) -> list[dict]:
+    """Every load run of every round; a server that fails is noted in ``failures``."""
+    results: list[dict] = []
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for number in range(1, rounds + 1):
+        for server in servers:
+            wanted = [s for s in scenarios
+                      if server.scenarios is None or s.name in server.scenarios]
+            if not wanted:
+                continue
+            try:
+                with running(server, logs) as instance:
+                    first = SCENARIOS_BY_NAME["hello"]
+                    instance.wait_ready(first)
+                    if warmup:
+                        _bounded(wrk_argv(instance.url(first), first, warmup, wrk_threads),
+                                 warmup + 30)
+                    for scenario in wanted:
+                        run_duration = slow_duration if scenario.client == "slowmix" \
+                            else duration
+                        result = measure(instance, scenario, run_duration, wrk_threads,
+                                         quiet_wait)
+                        result["round"] = number
+                        results.append(result)
+                    print(f"round {number} {server.name:16} {scenario.name:12} "
+                          f"{result['rps']:9.0f} req/s  p50 {result['p50_ms']:7.2f} ms  "
+                          f"p99 {result['p99_ms']:8.2f} ms  errors {result['errors']}"
+                          f"{_resets(result.get('resets', 0))}  other CPU "
+                          f"{100 * result['cpu']['other'] / result['cpu_seconds']:.0f} %",
+                          flush=True)
+            except RuntimeError as error:  # the server failed: say so, go on with the others
+                failures.append({"server": server.name, "round": number, "error": str(error)})
+                print(f"round {number} {server.name:16} FAILED: {error}", flush=True)
+    return results
+
+
+def _resets(count: int) -> str:
+    return f" (+{count:,} read errors)" if count else ""
+
+
+SCENARIOS_BY_NAME = {s.name: s for s in SCENARIOS}
+SERVERS_BY_NAME = {s.name: s for s in SERVERS}
+
+
+# ---------------------------------------------------------------------------
+# Profiles
+
+
+def _collapsed(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Total samples, self samples and inclusive samples per function, from py-spy's
+    raw (collapsed) output. A function is "name (file)", line numbers dropped."""
+    total, own, inclusive = 0, {}, {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";") if frame]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+    return total, own, inclusive
+
+
+def profile(server: Server, duration: float, wrk_threads: int, out: Path) -> dict:
+    """Load the server with hello while py-spy samples the dispatcher and one worker,
+    and perf samples mongrel2; keep the raw files and the top functions."""
+    profiles = out / "profiles"
+    profiles.mkdir(parents=True, exist_ok=True)
+    scenario = SCENARIOS_BY_NAME["hello"]
+    found: dict = {"server": server.name, "duration": duration, "targets": {}}
+    with running(server, out / "logs") as instance:
+        instance.wait_ready(scenario)
+        _bounded(wrk_argv(instance.url(scenario), scenario, 2, wrk_threads), 32)
+        targets: dict[str, int] = {}
+        for proc in instance.processes():
+            with contextlib.suppress(psutil.Error):
+                role = server.group(proc, instance.root.pid)
+                if role in ("dispatcher", "workers", "mongrel2") and role not in targets:
+                    targets[role] = proc.pid
+        samplers = []
+        for role, pid in targets.items():
+            if role == "mongrel2":
+                if not shutil.which("perf"):
+                    continue
+                argv = ["perf", "record", "-F", "499", "-g", "-o",
+                        str(profiles / "mongrel2.perf.data"), "-p", str(pid), "--", "sleep",
+                        f"{duration:g}"]
+            else:
+                argv = [str(BIN / "py-spy"), "record", "--pid", str(pid), "--duration",
+                        f"{duration:g}", "--rate", "250", "--format", "raw", "--nonblocking",
+                        "--output", str(profiles / f"{role}.txt")]
+            samplers.append((role, subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                start_new_session=True, preexec_fn=_die_with_parent)))
+        time.sleep(0.5)
+        load = measure(instance, scenario, duration + 1, wrk_threads)
+        found["load"] = {k: load[k] for k in ("rps", "cpu", "cpu_seconds", "requests")}
+        for role, proc in samplers:
+            try:
+                _, err = proc.communicate(timeout=duration + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            found["targets"][role] = {"returncode": proc.returncode,
+                                      "stderr": err.decode(errors="replace")[-400:]}
+    for role in ("dispatcher", "workers"):
+        path = profiles / f"{role}.txt"
+        if path.exists():
+            total, own, inclusive = _collapsed(path)
+            found["targets"][role].update({
+                "file": str(path.relative_to(ROOT)), "samples": total,
+                "self": sorted(own.items(), key=lambda kv: -kv[1])[:15],
+                "inclusive": sorted(inclusive.items(), key=lambda kv: -kv[1])[:25]})
+    perf_data = profiles / "mongrel2.perf.data"
+    if perf_data.exists():
+        report = subprocess.run(
+            ["perf", "report", "-i", str(perf_data), "--stdio", "--no-children",
+             "--sort", "dso,sym", "-g", "none", "--percent-limit", "1.5"],
+            capture_output=True, text=True, timeout=120)
+        (profiles / "mongrel2.perf.txt").write_text(report.stdout)
+        rows = []
+        for line in report.stdout.splitlines():
+            match = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*)", line)
+            if match:
+                rows.append((float(match.group(1)), match.group(2), match.group(3).strip()))
+        found["targets"].setdefault("mongrel2", {})["top"] = rows[:15]
+        found["targets"]["mongrel2"]["file"] = str(
+            (profiles / "mongrel2.perf.txt").relative_to(ROOT))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Summary and targets
+
+
+def summarize(results: list[dict]) -> dict[str, dict[str, dict]]:
+    """Median over rounds of every measure, by server and scenario."""
+    table: dict[str, dict[str, dict]] = {}
+    for result in results:
+        cell = table.setdefault(result["server"], {}).setdefault(result["scenario"], {
+            "rps": [], "p50_ms": [], "p99_ms": [], "errors": 0, "resets": 0, "rounds": 0,
+            "cpu_pct": {role: [] for role in ROLES}, "cpu_us_per_req": {r: [] for r in ROLES}})
+        cell["rounds"] += 1
+        cell["errors"] += result["errors"]
+        cell["resets"] += result.get("resets", 0)
+        for key in ("rps", "p50_ms", "p99_ms"):
+            cell[key].append(result[key])
+        for role in ROLES:
+            seconds = result["cpu"].get(role, 0.0)
+            cell["cpu_pct"][role].append(100 * seconds / result["cpu_seconds"])
+            cell["cpu_us_per_req"][role].append(1e6 * seconds / max(1, result["requests"]))
+    for cells in table.values():
+        for cell in cells.values():
+            for key in ("rps", "p50_ms", "p99_ms"):
+                cell[key] = statistics.median(cell[key])
+            for key in ("cpu_pct", "cpu_us_per_req"):
+                cell[key] = {role: statistics.median(v) for role, v in cell[key].items()}
+    return table
+
+
+def python_us(table: dict, server: str, scenario: str = "hello") -> float | None:
+    cell = table.get(server, {}).get(scenario)
+    if not cell:
+        return None
+    roles = SERVERS_BY_NAME[server].python_side
+    return sum(cell["cpu_us_per_req"][role] for role in roles)
+
+
+@dataclass
+class Target:
+    text: str
+    value: float | None
+    limit: float
+    unit: str
+    at_least: bool = True
+
+    @property
+    def state(self) -> str:
+        if self.value is None:
+            return "not measured"
+        good = self.value >= self.limit if self.at_least else self.value <= self.limit
+        return "holds" if good else "MISSED"
+
+
+def _ratio(table: dict, server: str, other: str, scenario: str, key: str = "rps"):
+    a = table.get(server, {}).get(scenario)
+    b = table.get(other, {}).get(scenario)
+    if not a or not b or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def targets(table: dict, server: str = "circus-t1") -> list[Target]:
+    """Issue 6's targets, measured on circus-wsgi's default configuration."""
+    return [
+        Target("hello keep-alive >= 2.5x Gunicorn sync",
+               _ratio(table, server, "gunicorn-sync", "hello"), 2.5, "x"),
+        Target("hello keep-alive >= 1.5x Gunicorn gthread",
+               _ratio(table, server, "gunicorn-gthread", "hello"), 1.5, "x"),
+        Target("hello keep-alive >= 0.55x the mongrel2 static ceiling",
+               _ratio(table, server, "m2-static", "hello"), 0.55, "x"),
+        Target("hello Connection: close >= 1.4x Gunicorn sync",
+               _ratio(table, server, "gunicorn-sync", "hello-close"), 1.4, "x"),
+        Target("slow mix: fast requests' p99 <= 2x Gunicorn sync's",
+               _ratio(table, server, "gunicorn-sync", "slowmix", "p99_ms"), 2.0, "x",
+               at_least=False),
+        Target("Python side (dispatcher + workers) <= 45 us CPU per hello request",
+               python_us(table, server), 45.0, "us", at_least=False),
+        Target("100 KB responses: req/s >= Gunicorn sync",
+               _ratio(table, server, "gunicorn-sync", "big"), 1.0, "x"),
+        Target("1 MB uploads: req/s >= Gunicorn sync",
+               _ratio(table, server, "gunicorn-sync", "upload"), 1.0, "x"),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Environment
+
+
+def _command_output(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    os_name = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    import zmq
+    commit = _command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = _command_output(["git", "-C", str(ROOT), "status", "--porcelain",
+                             "--untracked-files=no", "--", "circus_wsgi"])
+    dpkg = lambda pkg: _command_output(["dpkg-query", "-W", "-f", "${Version}", pkg])  # noqa: E731
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu, "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": os_name, "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {
+            "circus-wsgi": f"{_dist_version('circus-wsgi')} (git {commit}"
+                           f"{', with uncommitted changes' if dirty else ''})",
+            "mongrel2": dpkg("mongrel2-core"), "wrk": dpkg("wrk"),
+            "circus": _dist_version("circus"), "pyzmq": zmq.pyzmq_version(),
+            "libzmq": zmq.zmq_version(), "tnetstring3": _dist_version("tnetstring3"),
+            "gunicorn": _dist_version("gunicorn"), "granian": _dist_version("granian"),
+            "waitress": _dist_version("waitress"), "py-spy": _dist_version("py-spy"),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# The document
+
+
+def _rst_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [rule, line(header), rule, *(line(r) for r in rows), rule]
+
+
+def _fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+ROLE_ABBREVIATIONS = {"mongrel2": "m2", "dispatcher": "disp", "workers": "workers",
+                      "manager": "mgr", "loadgen": "wrk", "other": "other"}
+
+
+def _roles(server: Server) -> tuple[str, ...]:
+    """The CPU roles a server has, in table order."""
+    if server.group is _circus_group:
+        return ("mongrel2", "dispatcher", "workers", "manager", "loadgen", "other")
+    if server.name == "m2-static":
+        return ("mongrel2", "loadgen", "other")
+    return ("workers", "manager", "loadgen", "other")
+
+
+def _cpu_cell(cell: dict, server: Server) -> str:
+    return "/".join(f"{cell['cpu_pct'][role]:.0f}" for role in _roles(server))
+
+
+def _cpu_legend(server: Server) -> str:
+    return "/".join(ROLE_ABBREVIATIONS[role] for role in _roles(server))
+
+
+def scenario_table(table: dict, scenario: Scenario, servers: list[Server]) -> list[str]:
+    ref = table.get(REFERENCE, {}).get(scenario.name)
+    header = ["server", "req/s", "x sync", "p50 ms", "p99 ms", "errors",
+              "CPU % of a core", "(roles)", "Python us/req"]
+    if scenario.client == "slowmix":
+        header = ["server", "req/s", "fast p50 ms", "fast p99 ms", "p99 / sync's", "errors",
+                  "CPU % of a core", "(roles)"]
+    rows = []
+    for server in servers:
+        cell = table.get(server.name, {}).get(scenario.name)
+        if not cell:
+            continue
+        us = python_us(table, server.name, scenario.name)
+        if scenario.client == "slowmix":
+            ratio = cell["p99_ms"] / ref["p99_ms"] if ref and ref["p99_ms"] else None
+            rows.append([server.title, _fmt(cell["rps"]), _fmt(cell["p50_ms"], 2),
+                         _fmt(cell["p99_ms"], 2), _fmt(ratio, 2), str(cell["errors"]),
+                         _cpu_cell(cell, server), _cpu_legend(server)])
+        else:
+            ratio = cell["rps"] / ref["rps"] if ref and ref["rps"] else None
+            rows.append([server.title, _fmt(cell["rps"]), _fmt(ratio, 2), _fmt(cell["p50_ms"], 2),
+                         _fmt(cell["p99_ms"], 2), str(cell["errors"]) + _resets(cell["resets"]),
+                         _cpu_cell(cell, server), _cpu_legend(server),
+                         _fmt(us, 1) if server.python_side else "-"])
+    return _rst_table(header, rows)
+
+
+def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in scenarios if any(s.name in table.get(v.name, {}) for v in servers)]
+    columns = 2 if len(shown) > 1 else 1
+    rows = (len(shown) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 2.6 + 2.4 * rows),
+                             squeeze=False)
+    for ax, scenario in zip(axes.flat, shown):
+        names, values, colors = [], [], []
+        for server in servers:
+            cell = table.get(server.name, {}).get(scenario.name)
+            if not cell:
+                continue
+            names.append(server.title)
+            values.append(cell["p99_ms"] if scenario.client == "slowmix" else cell["rps"])
+            colors.append("tab:red" if server.name.startswith("circus")
+                          else "tab:gray" if server.name == "m2-static" else "tab:blue")
+        ax.barh(names[::-1], values[::-1], color=colors[::-1])
+        ax.set_title(scenario.title, fontsize=10)
+        ax.set_xlabel("fast requests' p99 latency, ms (lower is better)"
+                      if scenario.client == "slowmix" else "requests/s (median)", fontsize=8)
+        if scenario.client == "slowmix":
+            ax.set_xscale("log")
+        ax.tick_params(labelsize=8)
+        for y, value in enumerate(values[::-1]):
+            ax.text(value, y, f" {value:,.0f}" if value >= 10 else f" {value:.1f}",
+                    va="center", fontsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.suptitle("circus-wsgi and its peers, 2 worker processes each, 2 cores, 127.0.0.1",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _profile_section(found: dict | None) -> list[str]:
+    if not found:
+        return ["No profile was taken in this run (``--profile`` takes one; a full run "
+                "takes one when a target is missed).", ""]
+    load = found.get("load", {})
+    lines = [f"circus-wsgi ({SERVERS_BY_NAME[found['server']].title}) under the hello "
+             f"keep-alive load for {found['duration']:g} s "
+             f"({_fmt(load.get('rps'))} req/s while sampled; py-spy at 250 Hz on the "
+             "dispatcher and on one worker, perf at 499 Hz on mongrel2). "
+             "Percentages are of the samples in which the process was running "
+             "(idle waits are not sampled). Raw files: "
+             "benchmarks/results/.../profiles/ (py-spy's collapsed stacks; "
+             "``perf report -i mongrel2.perf.data``).", ""]
+    for role in ("dispatcher", "workers"):
+        info = found["targets"].get(role)
+        if not info or "samples" not in info:
+            lines += [f"{role}: no profile ({(info or {}).get('stderr', 'not sampled')!r}).", ""]
+            continue
+        total = max(1, info["samples"])
+        lines += [f"**{role}** ({info['samples']} samples); time spent *in* each function "
+                  "(self) and *under* it (inclusive):", ""]
+        rows = [[f"{100 * n / total:.1f} %", _short(name)] for name, n in info["self"][:12]]
+        lines += _rst_table(["self", "function"], rows) + [""]
+        rows = [[f"{100 * n / total:.1f} %", _short(name)]
+                for name, n in info["inclusive"] if not _is_boilerplate(name)][:14]
+        lines += _rst_table(["inclusive", "function"], rows) + [""]
+    mongrel2 = found["targets"].get("mongrel2", {})
+    if mongrel2.get("top"):
+        lines += ["**mongrel2** (perf, self time by symbol):", ""]
+        rows = [[f"{pct:.1f} %", dso, sym[:70]] for pct, dso, sym in mongrel2["top"]]
+        lines += _rst_table(["self", "object", "symbol"], rows) + [""]
+    return lines
+
+
+def _short(frame: str) -> str:
+    """``func (/long/path/site-packages/zmq/sugar/socket.py)`` -> ``func (zmq/sugar/socket.py)``."""
+    match = re.match(r"(.*) \((.*)\)$", frame)
+    if not match:
+        return frame
+    name, path = match.groups()
+    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{name} ({path})"
+
+
+def _is_boilerplate(frame: str) -> bool:
+    return any(part in frame for part in ("<module>", "runpy", "_run_code", "cli.py",
+                                          "__main__", "_bootstrap"))
+
+
+def _contention(data: dict) -> str:
+    """One sentence on the machine's other work during the load runs."""
+    other = [100 * r["cpu"].get("other", 0.0) / r["cpu_seconds"] for r in data["results"]]
+    if not other:
+        return "No load run."
+    waited = [r.get("waited_for_quiet", 0.0) for r in data["results"]]
+    return (f"Other work on the machine (jobs this benchmark cannot see, plus kernel time "
+            f"not charged to a process) during the load runs: median "
+            f"{statistics.median(other):.0f} %, max {max(other):.0f} % of a core. Before "
+            f"each run the benchmark waited up to {data.get('quiet_wait', 0):g} s for it to "
+            f"drop under {100 * QUIET_THRESHOLD:.0f} % (median wait "
+            f"{statistics.median(waited):.1f} s).")
+
+
+def write_document(data: dict, doc: Path) -> None:
+    env, table = data["environment"], summarize(data["results"])
+    servers = [SERVERS_BY_NAME[name] for name in data["servers"]]
+    scenarios = [SCENARIOS_BY_NAME[name] for name in data["scenarios"]]
+    png = doc.with_suffix(".png")
+    plot(table, scenarios, servers, png)
+    checks = targets(table)
+    held = [t for t in checks if t.state == "holds"]
+    missed = [t for t in checks if t.state == "MISSED"]
+    title = "Benchmarks"
+    lines = [":orphan:", "", "..", "   Generated by benchmarks/run.py; do not edit: run it again.",
+             "", title, "=" * len(title), "",
+             "circus-wsgi against Gunicorn, Granian, Waitress and mongrel2 serving a static "
+             "file (the front end's own ceiling), on one machine, in one interleaved run: "
+             f"{data['rounds']} round(s), each starting every server in turn, loading it "
+             "with every scenario and stopping it. Every number is the median over the "
+             "rounds. Every server runs :mod:`benchmarks.apps` with 2 worker processes "
+             "(Waitress: 1 process, 4 threads; it has no worker processes) and writes no "
+             "access log.", "",
+             "Command::", "", f"    {data['command']}", "",
+             f"Load: wrk {env['versions']['wrk']}, {data['wrk_threads']} thread(s), "
+             f"{CONNECTIONS} connections, {data['duration']:g} s per run after a "
+             f"{data['warmup']:g} s warm-up per server start; the slow mix: "
+             "benchmarks/slowmix.py, open loop at 80 req/s for "
+             f"{data['slow_duration']:g} s, 1 request in 100 to a URL that sleeps 1 s, "
+             "latency by kind from each request's due time.", "",
+             "Machine", "-------", "",
+             f"- {env['cpu']}, {env['cores']} cores, {env['memory_gb']} GB; {env['os']}, "
+             f"Linux {env['kernel']}; Python {env['python']}; run {env['date']}.",
+             "- The load generator shares the 2 cores with the server: its CPU is in the "
+             "tables (the wrk column).",
+             "- " + _contention(data),
+             "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", "",
+             "Targets (issue 6)", "-----------------", "",
+             "Measured on ``circus-wsgi serve`` with its defaults (dispatcher, threads 1, "
+             "2 workers) against the same run's peers.", ""]
+    rows = [[t.text, _fmt(t.value, 2 if t.unit == "x" else 1, " " + t.unit), t.state]
+            for t in checks]
+    lines += _rst_table(["target", "measured", "state"], rows) + [""]
+    if missed:
+        lines += [f"**{len(held)} of {len(checks)} targets hold; these do not:** "
+                  + "; ".join(t.text for t in missed) + ".", ""]
+    elif len(held) == len(checks):
+        lines += [f"All {len(checks)} targets hold.", ""]
+    else:
+        lines += [f"{len(held)} targets hold; the others were not measured in this run.", ""]
+    for failure in data.get("failures", []):
+        lines += [f"- **{SERVERS_BY_NAME[failure['server']].title} failed in round "
+                  f"{failure['round']}**: {failure['error']}"]
+    if data.get("failures"):
+        lines += [""]
+    lines += ["Results", "-------", "", f".. image:: {png.name}", "   :width: 100%", "",
+              "req/s is the median over rounds; *x sync* is the ratio to Gunicorn sync in "
+              "the same run; p50/p99 are wrk's latency percentiles (medians over rounds). "
+              "*CPU % of a core* is each role's CPU time (user + system, from psutil) over "
+              "the run, in the order given by *(roles)*: m2 = mongrel2, disp = the "
+              "dispatcher, workers = the worker processes, mgr = the managing processes "
+              "(circusd, circusd-stats and the serve command; Gunicorn's and Granian's "
+              "master), wrk = the load generator (wrk, or the slow-mix client), other = "
+              "whatever else the machine ran meanwhile (a check that the run was alone). "
+              "*Python us/req* is the dispatcher's and workers' CPU per request, in "
+              "microseconds. *read errors*: wrk's reads that failed, i.e. connections "
+              "reset or closed mid-response (mongrel2 resets each connection it closes "
+              "after a static file, so its Connection: close row has one per request).", ""]
+    for scenario in scenarios:
+        lines += [scenario.title, "~" * len(scenario.title), ""]
+        lines += scenario_table(table, scenario, servers) + [""]
+    lines += ["Where the time goes", "-------------------", ""]
+    lines += _profile_section(data.get("profile"))
+    lines += ["Server command lines", "--------------------", ""]
+    for server in servers:
+        launch = server.launch(8000, Path(tempfile.gettempdir())) \
+            if server.name != "m2-static" else Launch(["mongrel2", "RUN/config.sqlite", "UUID"])
+        if launch.cleanup:
+            launch.cleanup()
+        argv = [a.replace(str(ROOT), ".").replace(str(BIN) + "/", ".venv/bin/")
+                .replace(sys.executable, ".venv/bin/python") for a in launch.argv]
+        lines += [f"- {server.title}: ``{shlex.join(argv)}``"]
+    lines += ["", "The mongrel2 static ceiling runs mongrel2 on a config.sqlite written by "
+              "circus-wsgi's own generator (``Settings(static=...)``) with the files at "
+              "``/static/``.", ""]
+    doc.write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="hello only (keep-alive and close), one round, short runs")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3; quick: 1)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 8; quick 4)")
+    parser.add_argument("--slow-duration", type=float, default=15.0,
+                        help="seconds of the slow mix (default 15)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds of warm-up after each server start, 0 for none "
+                        "(default 2; quick 1)")
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--quiet-wait", type=float, default=None,
+                        help="before each load run, wait at most this many seconds for the "
+                        "machine's other work to drop under a quarter of a core "
+                        "(default 30; quick 3; 0 to never wait)")
+    parser.add_argument("--servers", help="comma-separated subset of: "
+                        + ", ".join(s.name for s in SERVERS))
+    parser.add_argument("--scenarios", help="comma-separated subset of: "
+                        + ", ".join(s.name for s in SCENARIOS))
+    parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                        help="profile circus-wsgi after the rounds: when a target is missed "
+                        "(auto, the default), always, or never")
+    parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--doc", type=Path, help="the document to write (default: "
+                        "docs/benchmarks.rst for a full run, the results dir for --quick)")
+    parser.add_argument("--report", type=Path, metavar="RESULTS.json",
+                        help="only rewrite the document from an earlier run's results")
+    args = parser.parse_args(argv)
+
+    if args.report:
+        data = json.loads(args.report.read_text())
+        doc = args.doc or ROOT / "docs" / "benchmarks.rst"
+        write_document(data, doc)
+        print(f"wrote {doc} and {doc.with_suffix('.png')}")
+        return 0
+
+    for tool in ("wrk", "mongrel2"):
+        if not shutil.which(tool):
+            sys.exit(f"run.py: {tool} is not installed (apt-get install {tool})")
+    rounds = args.rounds or (1 if args.quick else 3)
+    duration = args.duration or (4.0 if args.quick else 8.0)
+    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 30.0)
+    servers = [SERVERS_BY_NAME[n] for n in args.servers.split(",")] if args.servers \
+        else list(SERVERS)
+    names = args.scenarios.split(",") if args.scenarios else \
+        (QUICK_SCENARIOS if args.quick else [s.name for s in SCENARIOS])
+    scenarios = [SCENARIOS_BY_NAME[n] for n in names]
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / (stamp + ("-quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    command = ("python benchmarks/run.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip()
+    print(f"{command}\nresults in {out.relative_to(ROOT)}", flush=True)
+    started = time.monotonic()
+    data = {"command": command, "environment": environment(), "rounds": rounds,
+            "duration": duration, "slow_duration": args.slow_duration, "warmup": warmup,
+            "wrk_threads": args.wrk_threads, "quiet_wait": quiet_wait,
+            "servers": [s.name for s in servers],
+            "scenarios": [s.name for s in scenarios], "results": [], "failures": [],
+            "profile": None}
+    data["results"] = run_rounds(servers, scenarios, rounds, duration, args.slow_duration,
+                                 warmup, args.wrk_threads, quiet_wait, out,
+                                 data["failures"])
+    checks = targets(summarize(data["results"]))
+    missed = any(t.state == "MISSED" for t in checks)
+    if args.profile == "always" or (args.profile == "auto" and missed and not args.quick):
+        print(f"profiling circus-wsgi for {args.profile_seconds:g} s ...", flush=True)
+        data["profile"] = profile(SERVERS_BY_NAME["circus-t1"], args.profile_seconds,
+                                  args.wrk_threads, out)
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    doc = args.doc or (out / "benchmarks.rst" if args.quick else ROOT / "docs" / "benchmarks.rst")
+    write_document(data, doc)
+    print(f"\nwrote {doc} and {doc.with_suffix('.png')} in {time.monotonic() - started:.0f} s\n")
+    for check in checks:
+        print(f"  {check.state:12} {check.text}: "
+              f"{_fmt(check.value, 2 if check.unit == 'x' else 1, ' ' + check.unit)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
