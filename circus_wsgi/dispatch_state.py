@@ -41,8 +41,10 @@ class WorkerState:
 
     pid: int
     pidfd: int | None
-    free: int = 0
+    threads: int = 1
+    free: int = 0  # idle threads not yet given a request: one entry each in the slots
     held: set = field(default_factory=set)
+    returned: bool = False  # gave requests back: no prefetch until its next DONE
     leaving: bool = False  # said LEAVING: takes nothing new
     doomed: bool = False  # killed for a stuck request: takes nothing new
     exited: float | None = None  # when its process was seen to exit

@@ -271,26 +271,46 @@ class Dispatcher:
     # ------------------------------------------------------ dispatching
 
     def _dispatch(self) -> None:
-        """Hand queued requests to free slots, oldest request to least recently freed slot."""
+        """Hand queued requests to idle threads, oldest request to least recently freed
+        slot; while every thread is busy, prefetch to the worker holding the fewest."""
         queue, slots, workers = self.queue, self.slots, self.workers
-        while queue and slots:
+        while queue:
             pending = queue.popleft()
             if pending.cancelled:
                 continue
             while slots:
                 identity = slots.popleft()
                 worker = workers.get(identity)
-                if worker is None or not worker.takes_work:
-                    continue
-                if self._send_worker(identity, dp.REQUEST, pending.frame):
+                if worker is not None and worker.takes_work:
                     worker.free -= 1
-                    worker.dispatched += 1
-                    self.in_flight[pending.conn_id] = InFlight(identity, pending,
-                                                               time.monotonic())
-                    worker.held.add(pending.conn_id)
                     break
             else:
-                queue.appendleft(pending)
+                identity = self._prefetch_target()
+                if identity is None:
+                    queue.appendleft(pending)
+                    return
+            self._hand_over(identity, pending)
+
+    def _prefetch_target(self) -> bytes | None:
+        """The worker with room beyond its threads that holds the fewest requests."""
+        best, fewest = None, None
+        for identity, worker in self.workers.items():
+            held = len(worker.held)
+            if worker.returned or worker.retired or \
+                    held >= worker.threads + self.settings.prefetch:
+                continue
+            if fewest is None or held < fewest:
+                best, fewest = identity, held
+        return best
+
+    def _hand_over(self, identity: bytes, pending: Pending) -> None:
+        if self._send_worker(identity, dp.REQUEST, pending.frame):
+            worker = self.workers[identity]
+            worker.dispatched += 1
+            worker.held.add(pending.conn_id)
+            self.in_flight[pending.conn_id] = InFlight(identity, pending, time.monotonic())
+        else:
+            self.queue.appendleft(pending)
 
     def _send_worker(self, identity: bytes, command: bytes, *frames: object) -> bool:
         try:
@@ -318,7 +338,10 @@ class Dispatcher:
                 if flight is not None:
                     flight.started = True
         elif command == dp.READY:
-            self._on_ready(identity, int(frames[2].bytes), int(frames[3].bytes))
+            self._on_ready(identity, int(frames[2].bytes), int(frames[3].bytes),
+                           int(frames[4].bytes))
+        elif command == dp.RETURN:
+            self._on_return(identity, frames[2].bytes)
         elif command == dp.LEAVING:
             worker = self.workers.get(identity)
             if worker is not None:
@@ -329,13 +352,14 @@ class Dispatcher:
             self.counters.malformed += 1
             log.warning("unknown command %r from a worker", command)
 
-    def _on_ready(self, identity: bytes, pid: int, free: int) -> None:
+    def _on_ready(self, identity: bytes, pid: int, free: int, threads: int) -> None:
         worker = self.workers.get(identity)
         if worker is None:
             worker = WorkerState(pid=pid, pidfd=self._watch(pid, identity))
             self.workers[identity] = worker
-            log.info("worker %d ready with %d slots", pid, free)
+            log.info("worker %d ready with %d of %d threads idle", pid, free, threads)
         worker.leaving = False
+        worker.threads = threads
         worker.free = free
         self._rebuild_slots()
         self._dispatch()
@@ -360,9 +384,23 @@ class Dispatcher:
                 worker.held.discard(conn)
                 worker.completed += 1
             self._release_behind(conn)
-        if worker is not None and not worker.retired:
-            worker.free += 1
-            self.slots.append(identity)
+        if worker is not None:
+            worker.returned = False
+            if not worker.retired and worker.free < worker.threads - len(worker.held):
+                worker.free += 1
+                self.slots.append(identity)
+        self._dispatch()
+
+    def _on_return(self, identity: bytes, conn: bytes) -> None:
+        """A request the worker held unstarted goes back to the head of the queue."""
+        flight = self.in_flight.get(conn)
+        worker = self.workers.get(identity)
+        if flight is None or flight.worker != identity or worker is None:
+            return
+        del self.in_flight[conn]
+        worker.held.discard(conn)
+        worker.returned = True
+        self.queue.appendleft(flight.pending)
         self._dispatch()
 
     def _release_behind(self, conn: bytes) -> None:

@@ -100,7 +100,8 @@ class WorkerPeer:
         self.pid = pid
         self.sock = context.socket(zmq.DEALER)
         self.sock.connect(run.dispatcher)
-        self.sock.send_multipart([dp.READY, str(pid).encode(), str(free).encode()])
+        self.sock.send_multipart([dp.READY, str(pid).encode(), str(free).encode(),
+                                  str(free).encode()])
 
     def next(self, timeout_ms: int = WAIT_MS) -> list[bytes]:
         """The next message that is not a heartbeat."""
@@ -131,13 +132,17 @@ class WorkerPeer:
 
 
 @pytest.fixture
-def stack(run_dir: Path):
-    """A dispatcher subprocess between a scripted mongrel2 and scripted workers."""
+def stack(run_dir: Path, request):
+    """A dispatcher subprocess between a scripted mongrel2 and scripted workers.
+
+    No prefetch unless a test asks (``indirect`` parametrization with settings).
+    """
     run = RunDir(run_dir).create()
     context = zmq.Context()
     mongrel2 = Mongrel2Peer(context, run)
     settings = Settings(run_dir=str(run_dir), queue_timeout=1, timeout=1, max_queue=3,
-                        max_body_size=5000, content_length=1024)
+                        max_body_size=5000, content_length=1024,
+                        **{"prefetch": 0, **getattr(request, "param", {})})
     process = subprocess.Popen([sys.executable, "-m", "circus_wsgi", "dispatcher",
                                 *settings.to_argv()])
     deadline = time.monotonic() + 10
@@ -359,3 +364,40 @@ def test_a_genuine_upload_is_dispatched_once_done(stack):
     mongrel2.send(request_bytes(1, headers=done))
     assert taker.take() == b"1"
     assert upload.exists()  # the worker reads and deletes it
+
+
+PREFETCH = pytest.mark.parametrize("stack", [{"prefetch": 1}], indirect=True)
+
+
+@PREFETCH
+def test_prefetch_goes_to_busy_workers_only_once_no_thread_is_idle(stack):
+    mongrel2, worker, *_ = stack
+    a, b = worker(), worker()
+    for conn in (1, 2, 3, 4, 5):
+        mongrel2.send(request_bytes(conn))
+    assert a.take() == b"1" and b.take() == b"2"  # idle threads first
+    assert a.take() == b"3" and b.take() == b"4"  # then one more each, while they are busy
+    assert a.idle() and b.idle()  # the fifth waits: threads + prefetch reached
+    b.done(b"2")
+    mongrel2.receive()
+    assert b.take() == b"5"
+
+
+@PREFETCH
+def test_a_returned_request_goes_to_the_next_worker_first(stack):
+    mongrel2, worker, *_ = stack
+    slow, other = worker(), worker()
+    for conn in (1, 2, 3):
+        mongrel2.send(request_bytes(conn))
+    assert slow.take() == b"1" and other.take() == b"2" and slow.take() == b"3"
+    slow.sock.send_multipart([dp.RETURN, b"3"])  # busy with 1 for long: gives 3 back
+    other.done(b"2")
+    mongrel2.receive()
+    assert other.take() == b"3"
+    mongrel2.send(request_bytes(4))
+    assert other.take() == b"4"  # prefetch, but not to the worker that gave requests back
+    assert slow.idle()
+    slow.done(b"1")
+    mongrel2.receive()
+    mongrel2.send(request_bytes(5))
+    assert slow.take() == b"5"

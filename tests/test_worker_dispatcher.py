@@ -138,7 +138,8 @@ def start_worker(run_dir, fake):
         worker = circus_wsgi("worker", settings, run_dir / f"worker-{len(started)}.log")
         started.append(worker)
         ready = fake.expect(dp.READY, skip=())
-        assert ready[1:] == [b"%d" % worker.pid, b"%d" % settings.threads]
+        threads = b"%d" % settings.threads
+        assert ready[1:] == [b"%d" % worker.pid, threads, threads]  # pid, idle, threads
         return worker
 
     yield start
@@ -218,7 +219,7 @@ def test_disconnect_stops_the_response_and_closes_the_iterable(fake, start_worke
 def test_silence_makes_the_worker_announce_itself_again(fake, start_worker):
     worker = start_worker(threads=2)
     frames = fake.expect(dp.READY, timeout=dp.SILENCE_LIMIT + 2, skip=())
-    assert frames[1:] == [b"%d" % worker.pid, b"2"]
+    assert frames[1:] == [b"%d" % worker.pid, b"2", b"2"]
     deadline = time.monotonic() + dp.SILENCE_LIMIT + 0.5
     while time.monotonic() < deadline:
         fake.send(dp.HEARTBEAT)
