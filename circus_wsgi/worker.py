@@ -200,22 +200,26 @@ class DispatcherLink:
 
     direct = False
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, threads: int) -> None:
         self.socket = context.socket(zmq.DEALER)
         for option, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 1000)):
             self.socket.setsockopt(option, value)
         self.socket.connect(endpoint)
         self.pid = b"%d" % os.getpid()
+        self.threads = b"%d" % threads
 
     def start(self, stopped: Callable[[], bool]) -> bool:
         return True
 
     def ready(self, free: int) -> None:
-        self.socket.send_multipart([dp.READY, self.pid, b"%d" % free])
+        self.socket.send_multipart([dp.READY, self.pid, b"%d" % free, self.threads])
 
     def leave(self) -> list[list[bytes]]:
         self.socket.send(dp.LEAVING)
         return []
+
+    def give_back(self, conn_id: bytes) -> None:
+        self.socket.send_multipart([dp.RETURN, conn_id])
 
     def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
         self.socket.send_multipart([dp.DONE if done else dp.REPLY, conn_id, *messages],
@@ -298,12 +302,19 @@ class Worker:
         self.poller.register(self.link.socket, zmq.POLLIN)
         self.poller.register(self.wake_r, zmq.POLLIN)
         self.results: queue.SimpleQueue = queue.SimpleQueue()
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.active: dict[bytes, Outbox] = {}
+        # Requests held but not started: inline, those that came while the application
+        # ran; threaded, those waiting for a thread (under ``ready``).
         self.pending: deque = deque()
+        self.ready = threading.Condition()
+        self.running: dict[Outbox, float] = {}  # threaded: when each started (under ``ready``)
+        self.deferred: deque = deque()  # frames read while giving requests back
+        self.give_back = settings.mode == "dispatcher" and settings.prefetch > 0
         self.refused: dict[bytes, float] = {}
-        self.held = self.served = self.malformed = 0
+        self.held = self.served = self.malformed = self.returned = 0
         self.busy = False  # inline: the application is running in this thread
+        self.started = 0.0  # inline: when the running request started
+        self.in_io = False  # inline: in the loop's own socket calls, which SIGALRM must not enter
         self.signalled = ""  # the reason to stop, set by a signal or max_requests
         self.stopping = False
         self.bye = self.link.direct  # the dispatcher said BYE (direct mode: nothing to wait for)
@@ -319,7 +330,7 @@ class Worker:
             return DirectLink(self.context, send_spec, recv_spec)
         if run is None:
             raise ValueError("setting 'run_dir' is needed to find the dispatcher's socket")
-        return DispatcherLink(self.context, run.dispatcher)
+        return DispatcherLink(self.context, run.dispatcher, settings.threads)
 
     # -- the loop
 
@@ -331,12 +342,14 @@ class Worker:
         log.info("worker %d serving (%s mode, %d thread%s)", os.getpid(), self.settings.mode,
                  self.threads, "" if self.inline else "s")
         self.link.ready(self.threads)
+        if self.give_back and self.inline:
+            signal.signal(signal.SIGALRM, self._on_give_back_timer)
         if not self.inline:
             for number in range(self.threads):
                 threading.Thread(target=self._app_thread, name=f"app-{number}",
                                  daemon=True).start()
         while not self._finished():
-            self._poll(TICK)
+            self._poll(dp.GIVE_BACK_AFTER if self.give_back and self.pending else TICK)
             self._tick()
         log.info("worker %d stopped after %d requests", os.getpid(), self.served)
         return exits.EXIT_OK
@@ -350,16 +363,22 @@ class Worker:
 
     def _poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` for frames or hand-overs, and handle them."""
+        if self.deferred:
+            self._take_frames()
+            timeout = 0
         for item, _ in self.poller.poll(timeout * 1000):
             if item is self.link.socket:
                 self._take_frames()
             else:
                 self._take_results()
-        while self.pending and not self.busy:
-            self._serve(*self.pending.popleft())
+        if self.inline:
+            while self.pending and not self.busy:
+                self._serve(*self.pending.popleft())
 
     def _take_frames(self) -> None:
         handle = self._on_link_direct if self.link.direct else self._on_link_dispatcher
+        while self.deferred:
+            handle(self.deferred.popleft())
         socket = self.link.socket
         for _ in range(BATCH):
             try:
@@ -381,8 +400,10 @@ class Worker:
         if self.signalled and not self.stopping:
             self._begin_stop(now)
         if not self.stopping and not self.link.direct and now - self.heard > dp.SILENCE_LIMIT:
-            self.link.ready(self.threads - self.held)  # the dispatcher may not know us
+            self.link.ready(max(0, self.threads - self.held))  # the dispatcher may not know us
             self.heard = now
+        if self.give_back and not self.inline and self.pending:
+            self._give_back_waiting(now)
         if self.refused:
             for conn_id in [c for c, until in self.refused.items() if until < now]:
                 del self.refused[conn_id]
@@ -394,7 +415,6 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_quit)
         signal.signal(signal.SIGQUIT, self._on_quit)
-        signal.signal(signal.SIGALRM, self._on_deadline)
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self._request_stop("SIGTERM")
@@ -404,13 +424,15 @@ class Worker:
         if self.signalled:
             return
         self.signalled = reason
-        signal.setitimer(signal.ITIMER_REAL, max(self.settings.graceful_timeout, 0.001))
+        watchdog = threading.Timer(self.settings.graceful_timeout, self._on_deadline)
+        watchdog.daemon = True
+        watchdog.start()
 
     @staticmethod
     def _on_quit(signum: int, frame: Any) -> None:
         _exit_now(b"worker %d: exiting at once on signal %d\n" % (os.getpid(), signum))
 
-    def _on_deadline(self, signum: int, frame: Any) -> None:
+    def _on_deadline(self) -> None:
         _exit_now(b"worker %d: graceful_timeout passed with %d requests unfinished\n"
                   % (os.getpid(), self.held))
 
@@ -422,6 +444,8 @@ class Worker:
             self.poller.unregister(self.link.socket)
         for frames in self.link.leave():  # direct mode: requests already received
             self._on_link_direct(frames)
+        if self.give_back:
+            self._return_pending()
 
     def close(self) -> None:
         """Close the sockets (their linger lets the last responses out)."""
@@ -488,18 +512,17 @@ class Worker:
                         self._deliver if self.inline else self._hand_over,
                         self._pump if self.inline else Outbox.absorb, not self.inline)
         self.active[message.conn_id] = outbox
-        try:
-            body, length = self._body(message)
-        except Refused as refusal:
-            log.warning("refused %s %s: %s", message.headers[b"METHOD"].decode("latin-1"),
-                        message.path.decode("latin-1"), refusal)
-            return self._refuse(message, outbox, refusal.status)
-        if not self.inline:
-            self.jobs.put((message, outbox, body, length))
+        if protocol.is_smuggling_risk(message):
+            self.refused[message.conn_id] = time.monotonic() + REFUSED_FOR
+            self._refuse(message, outbox, Refused(400, "ambiguous body length (smuggling)"))
+        elif not self.inline:
+            with self.ready:
+                self.pending.append((message, outbox))
+                self.ready.notify()
         elif self.busy:
-            self.pending.append((message, outbox, body, length))
+            self.pending.append((message, outbox))
         else:
-            self._serve(message, outbox, body, length)
+            self._serve(message, outbox)
 
     def _pacer(self, message: Message) -> Pacer:
         if not self.flow:
@@ -509,9 +532,6 @@ class Worker:
 
     def _body(self, message: Message) -> tuple[Any, Optional[int]]:
         """The request body as a file for wsgi.input and its length (None: inline)."""
-        if protocol.is_smuggling_risk(message):
-            self.refused[message.conn_id] = time.monotonic() + REFUSED_FOR
-            raise Refused(400, "ambiguous body length (request smuggling)")
         if message.kind is not Kind.UPLOAD_DONE:
             return None, None
         path = protocol.upload_file(message, self.uploads) if self.uploads else None
@@ -529,10 +549,12 @@ class Worker:
             raise Refused(413, f"body of {length} bytes over max_body_size")
         return body, length
 
-    def _refuse(self, message: Message, outbox: Outbox, status: int) -> None:
+    def _refuse(self, message: Message, outbox: Outbox, refusal: Refused) -> None:
+        log.warning("refused %s %s: %s", message.headers[b"METHOD"].decode("latin-1"),
+                    message.path.decode("latin-1"), refusal)
         started, clock = time.time(), time.perf_counter()
-        outbox.finish(httpmsg.error_response(status), True)
-        self._log(self.router.site(message).environ(message), status, 0, started, clock)
+        outbox.finish(httpmsg.error_response(refusal.status), True)
+        self._log(self.router.site(message).environ(message), refusal.status, 0, started, clock)
 
     def _send_refusal(self, message: Message, status: int) -> None:
         """Answer ``status`` and close, for a message that is not a held request."""
@@ -540,26 +562,42 @@ class Worker:
             protocol.response(message.sender, message.conn_id, httpmsg.error_response(status)),
             protocol.close(message.sender, message.conn_id)], True)
 
-    def _serve(self, message: Message, outbox: Outbox, body: Any, length: Optional[int]) -> None:
+    def _serve(self, message: Message, outbox: Outbox) -> None:
         """Run the application for one request (in the loop or an application thread)."""
         started, clock = time.time(), time.perf_counter()
+        try:
+            body, length = self._body(message)
+        except Refused as refusal:
+            return self._refuse(message, outbox, refusal)
         site = self.router.site(message)
         environ = site.environ(message, body, length)
         headers = message.headers
         exchange = Exchange(outbox, headers[b"METHOD"], wants_keep_alive(message),
                             headers.get(b"VERSION") == b"HTTP/1.0")
         outbox.absorb()
-        self.busy = self.inline
+        self._enter_app()
         try:
             if outbox.gone:
                 outbox.finish(b"", False)
             else:
                 exchange.run(site.app, environ)
         finally:
-            self.busy = False
+            self._leave_app()
             if body is not None:
                 body.close()
         self._log(environ, exchange.status, exchange.sent, started, clock)
+
+    def _enter_app(self) -> None:
+        if self.inline:
+            self.busy, self.started = True, time.monotonic()
+            if self.give_back:
+                signal.setitimer(signal.ITIMER_REAL, dp.GIVE_BACK_AFTER, dp.GIVE_BACK_AFTER)
+
+    def _leave_app(self) -> None:
+        if self.inline:
+            self.busy = False
+            if self.give_back:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _log(self, environ: dict, status: int, sent: int, started: float, clock: float) -> None:
         if self.access.enabled:
@@ -567,14 +605,72 @@ class Worker:
 
     def _app_thread(self) -> None:
         while True:
-            self._serve(*self.jobs.get())
+            with self.ready:
+                while not self.pending:
+                    self.ready.wait()
+                message, outbox = self.pending.popleft()
+                self.running[outbox] = time.monotonic()
+            try:
+                self._serve(message, outbox)
+            finally:
+                with self.ready:
+                    del self.running[outbox]
+
+    # -- giving back requests not started (dispatcher's prefetch)
+
+    def _on_give_back_timer(self, signum: int, frame: Any) -> None:
+        """SIGALRM every GIVE_BACK_AFTER while the application runs inline."""
+        if self.busy and not self.in_io:
+            self._take_back_frames()
+            self._return_pending()
+
+    def _take_back_frames(self) -> None:
+        """Return the requests waiting in the socket; keep its other frames for the loop."""
+        while True:
+            try:
+                frames = self.link.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fields = frames[1].split(b" ", 2) if len(frames) > 1 else []
+            if frames[0] == dp.REQUEST and len(fields) == 3 and fields[1].isdigit():
+                self.link.give_back(fields[1])
+                self.returned += 1
+            else:
+                self.deferred.append(frames)
+
+    def _return_pending(self) -> None:
+        """Return the requests held and not started."""
+        if self.inline:
+            waiting = list(self.pending)
+            self.pending.clear()
+        else:
+            with self.ready:
+                waiting = list(self.pending)
+                self.pending.clear()
+        for message, outbox in waiting:
+            self.link.give_back(outbox.conn_id)
+            if self.active.get(outbox.conn_id) is outbox:
+                del self.active[outbox.conn_id]
+            self.held -= 1
+            self.returned += 1
+
+    def _give_back_waiting(self, now: float) -> None:
+        """Threaded: return the waiting requests once every thread has been busy a while."""
+        with self.ready:
+            running = list(self.running.values())
+        if len(running) >= self.threads and now - max(running) >= dp.GIVE_BACK_AFTER:
+            self._return_pending()
 
     # -- messages out (loop thread)
 
     def _deliver(self, outbox: Outbox, messages: list[bytes], done: bool) -> None:
-        if done and self.signalled and not self.stopping:
-            self._begin_stop(time.monotonic())  # LEAVING before DONE frees a slot
-        self.link.send(outbox.conn_id, messages, done)
+        previous, self.in_io = self.in_io, True
+        try:
+            if done and self.signalled and not self.stopping:
+                self._begin_stop(time.monotonic())  # LEAVING before DONE frees a slot
+            self.link.send(outbox.conn_id, messages, done)
+        finally:
+            self.in_io = previous
         if done:
             self._done(outbox)
 
@@ -596,7 +692,13 @@ class Worker:
 
     def _pump(self, outbox: Outbox, timeout: float) -> None:
         """Inline: wait for notices while the application's response waits for credits."""
-        self._poll(timeout)
+        previous, self.in_io = self.in_io, True
+        try:
+            self._poll(timeout)
+            if self.give_back and time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
+                self._return_pending()
+        finally:
+            self.in_io = previous
 
 
 def _unlink(path: bytes) -> None:

@@ -250,3 +250,43 @@ def test_concurrent_clients(stack):
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+# ------------------------------------------------------------------ stacks of their own
+
+
+def test_wsgiref_validator_raises_nothing():
+    with Stack(app="worker_apps:validated", mode="direct") as stack, stack.client() as client:
+        for path in ["/hello", "/environ/caf%C3%A9?q=1", "/stream", "/write", "/file", "/empty"]:
+            assert client.request("GET", path).status == 200, path
+        assert client.request("HEAD", "/hello").status == 200
+        reply = client.request("POST", "/body?how=read", body=b"x" * 30000)
+        assert json.loads(reply.body)["size"] == 30000
+        output = stack.worker_processes[0].output()
+        assert "Traceback" not in output and "WSGIWarning" not in output, output
+
+
+def test_max_requests_exits_cleanly():
+    with Stack(app="worker_apps:rules", mode="direct", max_requests=3) as stack:
+        worker = stack.worker_processes[0]
+        with stack.client() as client:
+            for _ in range(3):
+                assert client.request("GET", "/hello").status == 200
+        assert worker.popen.wait(10) == 0
+        assert "stopped after 3 requests" in worker.output()
+
+
+def test_sigterm_finishes_the_request_in_progress():
+    with Stack(app="worker_apps:rules", mode="direct", threads=2) as stack:
+        worker = stack.worker_processes[0]
+        replies = []
+        with stack.client() as client:
+            client.request("GET", "/hello")  # mongrel2 is slow to hand over its first request
+            thread = threading.Thread(
+                target=lambda: replies.append(client.request("GET", "/slow?s=0.5")))
+            thread.start()
+            time.sleep(0.2)
+            worker.send_signal(15)
+            thread.join(10)
+        assert replies and replies[0].status == 200
+        assert worker.popen.wait(10) == 0

@@ -346,3 +346,44 @@ def test_import_failure_is_one_line_and_exit_2(run_dir):
     assert worker.popen.wait(20) == 2
     lines = worker.output().strip().splitlines()
     assert len(lines) == 1 and "no_such_module" in lines[0], lines
+
+
+# ------------------------------------------------------------- prefetch: giving requests back
+
+
+def test_inline_worker_gives_back_what_waits_behind_a_slow_request(fake, start_worker):
+    start_worker(prefetch=1)
+    fake.request(b"40", b"/slow?s=0.6")
+    time.sleep(0.1)
+    started = time.monotonic()
+    fake.request(b"41", b"/hello")
+    assert fake.expect(dp.RETURN, timeout=2, skip=(dp.READY,))[1:] == [b"41"]
+    assert time.monotonic() - started < 0.3, "given back while the slow one still runs"
+    assert fake.expect(dp.DONE, skip=(dp.READY,))[1] == b"40"
+
+
+def test_inline_worker_serves_quick_prefetched_requests(fake, start_worker):
+    start_worker(prefetch=1)
+    for conn in (b"42", b"43", b"44"):
+        fake.request(conn, b"/hello")
+    assert [fake.expect(dp.DONE, skip=(dp.READY,))[1] for _ in range(3)] == [b"42", b"43", b"44"]
+
+
+def test_streaming_inline_worker_gives_back_too(fake, start_worker):
+    start_worker(prefetch=1)
+    fake.request(b"45", b"/big?mb=1")  # waits for credits that the test does not grant
+    assert fake.expect(dp.REPLY)[1] == b"45"
+    fake.request(b"46", b"/hello")
+    assert fake.expect(dp.RETURN, timeout=2, skip=(dp.READY, dp.REPLY))[1:] == [b"46"]
+    fake.send(dp.NOTICE, m2_notice(b"45", "disconnect"))
+    assert fake.expect(dp.DONE, skip=(dp.READY, dp.REPLY))[1] == b"45"
+
+
+def test_threaded_worker_gives_back_when_every_thread_is_busy(fake, start_worker):
+    start_worker(threads=2, prefetch=1)
+    fake.request(b"47", b"/slow?s=0.6")
+    fake.request(b"48", b"/slow?s=0.6")
+    time.sleep(0.1)
+    fake.request(b"49", b"/hello")
+    assert fake.expect(dp.RETURN, timeout=2, skip=(dp.READY,))[1:] == [b"49"]
+    assert {fake.expect(dp.DONE)[1] for _ in range(2)} == {b"47", b"48"}

@@ -218,3 +218,13 @@ def mounted(environ, start_response):
 def make_mounted():
     """A factory, for MODULE:FACTORY()."""
     return mounted
+
+
+def make_frameworks():
+    """The Flask example at /, httpbin at /httpbin: one application for both servers."""
+    import httpbin
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    from examples.flask_app import app as flask_app
+
+    return DispatcherMiddleware(flask_app, {"/httpbin": httpbin.app})
