@@ -351,7 +351,8 @@ class Worker:
         while not self._finished():
             self._poll(dp.GIVE_BACK_AFTER if self.give_back and self.pending else TICK)
             self._tick()
-        log.info("worker %d stopped after %d requests", os.getpid(), self.served)
+        log.info("worker %d stopped after %d requests (%d given back, %d malformed messages)",
+                 os.getpid(), self.served, self.returned, self.malformed)
         return exits.EXIT_OK
 
     def _finished(self) -> bool:

@@ -89,6 +89,18 @@ def _environ_key(name: bytes) -> Optional[str]:
     return "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
 
 
+def _memo(cache: dict, key: Any, compute: Callable[[Any], Any]) -> Any:
+    """``compute(key)``, remembered in ``cache`` while it has room (keys come from clients)."""
+    try:
+        return cache[key]
+    except (KeyError, TypeError):
+        pass
+    value = compute(key)
+    if len(cache) < _CACHE_MAX:
+        cache[key] = value
+    return value
+
+
 _KEYS: dict[bytes, Optional[str]] = {}
 
 
@@ -96,12 +108,7 @@ def _header_items(headers: dict) -> Iterator[tuple[str, str]]:
     """(environ key, value) for each client header."""
     keys = _KEYS
     for name, value in headers.items():
-        try:
-            key = keys[name]
-        except KeyError:
-            key = _environ_key(name)
-            if len(keys) < _CACHE_MAX:
-                keys[name] = key
+        key = keys[name] if name in keys else _memo(keys, name, _environ_key)
         if key is None:
             continue
         if type(value) is list:
@@ -196,13 +203,7 @@ class Site:
         return environ
 
     def _server(self, host: str, scheme: str) -> tuple[str, str]:
-        try:
-            return self._hosts[host, scheme]
-        except KeyError:
-            found = _split_host(host, scheme)
-            if len(self._hosts) < _CACHE_MAX:
-                self._hosts[host, scheme] = found
-            return found
+        return _memo(self._hosts, (host, scheme), lambda key: _split_host(*key))
 
 
 class Router:
@@ -243,35 +244,22 @@ _STATUSES: dict[Any, tuple[int, bytes]] = {}
 
 
 def _name_kind(name: Any) -> int:
-    try:
-        return _NAMES[name]
-    except (KeyError, TypeError):
-        pass
+    """What a response header name means to the framing (checked once per name)."""
     if type(name) is not str or not _TOKEN.match(name):
         raise ResponseError(f"invalid header name {name!r}")
     lower = name.lower()
-    kind = {"content-length": _LENGTH, "connection": _CONNECTION, "date": _DATE,
+    return {"content-length": _LENGTH, "connection": _CONNECTION, "date": _DATE,
             "server": _SERVER}.get(lower, _HOP if lower in _HOP_BY_HOP else _PLAIN)
-    if len(_NAMES) < _CACHE_MAX:
-        _NAMES[name] = kind
-    return kind
 
 
 def _status_line(status: Any) -> tuple[int, bytes]:
-    try:
-        return _STATUSES[status]
-    except (KeyError, TypeError):
-        pass
+    """(code, status line) of a status string (checked once per string)."""
     if type(status) is not str or not _STATUS.match(status):
         raise ResponseError(f"invalid status {status!r}")
     try:
-        line = b"HTTP/1.1 " + status.encode("latin-1") + b"\r\n"
+        return int(status[:3]), b"HTTP/1.1 " + status.encode("latin-1") + b"\r\n"
     except UnicodeEncodeError:
         raise ResponseError(f"status {status!r} is not latin-1") from None
-    found = int(status[:3]), line
-    if len(_STATUSES) < _CACHE_MAX:
-        _STATUSES[status] = found
-    return found
 
 
 _stamp: tuple[int, bytes] = (0, b"")
@@ -346,7 +334,8 @@ class Exchange:
                 raise exc_info[1].with_traceback(exc_info[2])
         elif self.status:
             raise ResponseError("start_response called twice without exc_info")
-        code, line = _status_line(status)
+        code, line = _STATUSES[status] if status in _STATUSES else _memo(
+            _STATUSES, status, _status_line)
         text, length, date, server, close = self._check_headers(headers)
         self.status, self._line, self._headers, self._length = code, line, text, length
         self._computed = False
@@ -359,8 +348,9 @@ class Exchange:
             raise ResponseError("headers must be a list of (name, value) tuples")
         parts = []
         length, date, server, close = None, True, True, False
+        names = _NAMES
         for name, value in headers:
-            kind = _name_kind(name)
+            kind = names[name] if name in names else _memo(names, name, _name_kind)
             if type(value) is not str:
                 raise ResponseError(f"header {name!r} has a value that is not a str")
             if kind:

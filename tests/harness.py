@@ -337,6 +337,17 @@ class HTTPClient:
         reply.latency = time.perf_counter() - started
         return reply
 
+    def download(self, path: str) -> tuple[Reply, int]:
+        """GET ``path``, counting the body's bytes instead of keeping them."""
+        counted = [0]
+
+        def count(data: bytes) -> None:
+            counted[0] += len(data)
+
+        self.send_raw(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode("latin-1"))
+        reply = self.read_reply(sink=count)
+        return reply, counted[0]
+
     # -- reading
 
     def _fill(self) -> bool:

@@ -248,24 +248,19 @@ def test_sigterm_when_idle_exits_at_once_after_bye(fake, start_worker):
     assert time.monotonic() - started < 2
 
 
-def test_sigint_exits_now(fake, start_worker):
-    worker = start_worker()
-    fake.request(b"13", b"/slow?s=5")
+@pytest.mark.parametrize("signum, options, within", [
+    (signal.SIGINT, {}, 1.0),  # at once
+    (signal.SIGQUIT, {}, 1.0),
+    (signal.SIGTERM, {"graceful_timeout": 0.5}, 2.0),  # the drain is bounded
+])
+def test_stopping_while_a_request_runs(fake, start_worker, signum, options, within):
+    worker = start_worker(**options)
+    fake.request(b"13", b"/slow?s=30")
     time.sleep(0.2)
     started = time.monotonic()
-    worker.send_signal(signal.SIGINT)
+    worker.send_signal(signum)
     assert worker.popen.wait(10) == 0
-    assert time.monotonic() - started < 1
-
-
-def test_graceful_timeout_bounds_the_drain(fake, start_worker):
-    worker = start_worker(graceful_timeout=0.5)
-    fake.request(b"14", b"/slow?s=30")
-    time.sleep(0.2)
-    started = time.monotonic()
-    worker.send_signal(signal.SIGTERM)
-    assert worker.popen.wait(10) == 0
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < within
 
 
 def test_max_requests_leaves_after_n(fake, start_worker):
