@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
-from harness import Process, Stack, free_port, python_env, wait_for_port, TESTS_DIR
+from harness import TESTS_DIR, HTTPClient, Process, Stack, free_port, python_env, wait_for_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,16 +34,18 @@ def stack():
 
 
 @pytest.fixture(scope="module")
-def gunicorn(tmp_path_factory):
+def gunicorn():
     port = free_port()
-    log = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
+    directory = Path(tempfile.mkdtemp(prefix="cw-gunicorn-", dir="/tmp"))
     process = Process([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "1",
-                       "--chdir", str(TESTS_DIR), APP], log, env=python_env())
+                       "--chdir", str(TESTS_DIR), APP], directory / "gunicorn.log",
+                      env=python_env())
     try:
         wait_for_port(port, timeout=20)
         yield port
     finally:
         process.stop(10)
+        shutil.rmtree(directory)
 
 
 @pytest.fixture
@@ -206,8 +211,6 @@ def application_headers(reply) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("method, path, headers, body", SAME,
                          ids=[f"{m} {p}"[:60] for m, p, _, _ in SAME])
 def test_same_as_gunicorn(stack, gunicorn, method, path, headers, body):
-    from harness import HTTPClient
-
     replies = []
     for port in (stack.port, gunicorn):
         with HTTPClient("127.0.0.1", port, 30) as client:
