@@ -1,16 +1,28 @@
 """``circus-wsgi serve APP``: the whole stack in the foreground, from one command.
 
-It checks what would make the stack fail before starting anything (the app
-imports, mongrel2 is installed, the port is free, the run dir is writable),
-writes the configuration into a private run dir, runs circusd on it, says
-where it serves and how to steer it, and on Ctrl-C or SIGTERM stops it all
-and removes the run dir's sockets and upload files. A second Ctrl-C kills at
-once. circusd, and through :mod:`lifeline` every process under it, dies with
-this command even when it is killed.
+It checks what would make the stack fail before starting anything (mongrel2 is
+installed, the port is free, the app imports as a worker would import it, the
+run dir is private and writable), writes the configuration into the run dir,
+runs circusd on it and says where it serves and how to steer it once a worker
+is ready. A watcher that circus stops while the stack starts (a crash loop
+stopped by the flapping plugin) ends the start with one line.
+
+Ctrl-C or SIGTERM stops the workers first (they finish what they hold while
+mongrel2 still delivers their responses), then circusd and the rest; a second
+Ctrl-C kills everything at once. Then the run dir is removed, or for a
+user-given one, its sockets and upload temp files. circusd, and through
+:mod:`lifeline` every process under it, dies with this command even when it
+is killed; this command is the subreaper of the stack, so when circusd is
+killed, what it leaves behind is reparented here and ended.
+
+Exit status: 2 when a check fails (nothing started), 0 once a stop was asked
+for and the stack is gone, 1 when the stack fails to start or circusd exits on
+its own.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -20,14 +32,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any, Optional
 
 import psutil
-from circus.client import CircusClient
-from circus.exc import CallError
+from circus.client import CircusClient, make_message
 
 from .deploy import write_configs
 from .exits import EXIT_OK, EXIT_USAGE
+from .flapping import describe
 from .lifeline import die_with_parent
 from .rundir import RunDir
 from .settings import Settings, SettingsError
@@ -37,11 +51,20 @@ from .status import read_status
 STOP_MARGIN = 10.0
 #: How long the stack may take to become ready before serve gives up.
 START_TIMEOUT = 30.0
+#: How long the app's import check may take.
+IMPORT_TIMEOUT = 120.0
+#: How long processes left behind by a killed circusd get to exit after SIGTERM.
+ORPHAN_TIMEOUT = 5.0
+#: The watchers serve runs, as circus.ini names them.
+WATCHERS = ("mongrel2", "dispatcher", "workers")
+
+PR_SET_CHILD_SUBREAPER = 36
 
 _IMPORT_CHECK = """\
-import json, sys
+import json, os, sys
 from circus_wsgi.appload import AppLoadError, load_app, load_mounts, prepare_path
-chdir, virtualenv, app, mounts = json.loads(sys.argv[1])
+chdir, virtualenv, env, app, mounts = json.loads(sys.argv[1])
+os.environ.update(env)
 try:
     prepare_path(chdir, virtualenv)
     load_app(app)
@@ -55,14 +78,23 @@ class ServeError(Exception):
     """Something that stops the stack from starting; the message is one line."""
 
 
+# --------------------------------------------------------------------------
+# Preflight: what would make the stack fail, checked before anything starts
+
+
 def check_app(settings: Settings) -> None:
-    """Import the app (and mounts) once in a child process, as a worker would."""
+    """Import the app (and mounts) once in a child process, as a worker would: in
+    ``chdir``, with the ``virtualenv`` and with the ``env`` setting applied."""
     if not settings.app:
         raise SettingsError("app", None, "required: the WSGI application as MODULE:CALLABLE")
-    args = json.dumps([settings.chdir, settings.virtualenv, settings.app,
+    args = json.dumps([settings.chdir, settings.virtualenv, dict(settings.env), settings.app,
                        list(settings.mounts)])
-    result = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, args],
-                            capture_output=True, text=True, timeout=120)
+    try:
+        result = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, args],
+                                capture_output=True, text=True, timeout=IMPORT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ServeError(f"importing {settings.app} took more than {IMPORT_TIMEOUT:.0f} s"
+                         ) from None
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
         raise ServeError(lines[-1])
@@ -86,19 +118,64 @@ def check_port(bind: str) -> None:
             raise ServeError(f"cannot listen on {bind}: {error.strerror}") from None
 
 
+def check_access_log(settings: Settings) -> None:
+    """The workers' access log file must be writable (workers exit at start otherwise);
+    a relative path is taken from chdir, the workers' working directory."""
+    if settings.access_log in ("", "-"):
+        return
+    path = os.path.join(settings.chdir, settings.access_log)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise ServeError(f"setting 'access_log': cannot write {path}: "
+                         f"{error.strerror}") from None
+
+
 def prepare_run_dir(settings: Settings) -> tuple[Settings, bool]:
-    """Settings with their run dir made (private); True when serve created it."""
+    """Settings with their run dir made (private); True when serve created it.
+
+    A user-given directory that exists must be private already (serve does not
+    chmod what it did not make: think of ``--run-dir /tmp``) and must not be the
+    run dir of a running stack, whose sockets a second circusd would take over.
+    What a killed stack left in it (sockets, pid files, uploads) is removed.
+    """
     if not settings.run_dir:
         return settings.replace(run_dir=tempfile.mkdtemp(prefix="cw-", dir="/tmp")), True
+    path = Path(settings.run_dir)
     try:
-        RunDir(Path(settings.run_dir)).create()
-        probe = Path(settings.run_dir, ".write-test")
+        if path.is_dir():
+            _check_private(path)
+            busy = [sock.name for sock in path.glob("*.sock") if _accepts(sock)]
+            if busy:
+                raise ServeError(f"run dir {path} is in use by a running stack "
+                                 f"({busy[0]} answers): stop it, or name another directory")
+            clean_run_dir(path, created=False)  # what a killed stack left
+        RunDir(path).create()
+        probe = path / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as error:
-        raise ServeError(f"run dir {settings.run_dir} is not writable: "
-                         f"{error.strerror}") from None
+        raise ServeError(f"run dir {path} is not writable: {error.strerror}") from None
     return settings, False
+
+
+def _check_private(path: Path) -> None:
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ServeError(f"run dir {path} is open to other users (mode "
+                         f"{info.st_mode & 0o7777:04o}): chmod 700 it, or name a new "
+                         "directory")
+
+
+def _accepts(path: Path) -> bool:
+    """True when a process listens on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
 
 
 def clean_run_dir(run_dir: Path, created: bool) -> None:
@@ -112,27 +189,70 @@ def clean_run_dir(run_dir: Path, created: bool) -> None:
         leftover.unlink(missing_ok=True)
 
 
+# --------------------------------------------------------------------------
+# The running stack
+
+
 class Stack:
     """circusd running the generated circus.ini, and the means to stop it."""
 
     def __init__(self, settings: Settings, circus_ini: Path) -> None:
         self.settings = settings
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "circus.circusd", str(circus_ini)],
-            start_new_session=True, preexec_fn=die_with_parent)
+        self.circus_ini = circus_ini
+        self.endpoint = settings.endpoint or RunDir(Path(settings.run_dir)).circus_endpoint
+        self.process: Optional[subprocess.Popen] = None
         self.stop_requested = 0
 
+    def start(self) -> None:
+        """Run circusd in its own session (Ctrl-C in the terminal reaches only this
+        command, which stops the stack in order); it gets SIGTERM if this command dies."""
+        _become_subreaper()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "circus.circusd", str(self.circus_ini)],
+            start_new_session=True, preexec_fn=die_with_parent)
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
+        """First signal: stop gracefully (done by :meth:`wait`). Second: kill everything now."""
+        self.stop_requested += 1
+        if self.stop_requested > 1:
+            self.kill()
+
+    def _interrupted(self) -> bool:
+        return self.stop_requested > 1 or self.process.poll() is not None
+
+    # -- starting
+
     def wait_ready(self) -> None:
-        """Return once mongrel2 listens and (with the dispatcher) a worker is ready."""
+        """Return once mongrel2 listens and (with the dispatcher) a worker is ready, or
+        once a stop is requested."""
         host, _, port = self.settings.bind.rpartition(":")
+        started: set[str] = set()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if self.process.poll() is not None or self.stop_requested:
-                raise ServeError("the stack stopped before it was ready (see the log above)")
+            if self.stop_requested:
+                return
+            if self.process.poll() is not None:
+                raise ServeError(f"circusd exited ({describe(self.process.returncode)}) "
+                                 "before the stack was ready (see the log above)")
             if _listening(host, int(port)) and self._workers_ready():
                 return
+            self._check_watchers(started)
             time.sleep(0.05)
-        raise ServeError(f"the stack was not ready within {START_TIMEOUT:.0f} s")
+        raise ServeError(f"the stack was not ready within {START_TIMEOUT:.0f} s "
+                         "(see the log above)")
+
+    def _check_watchers(self, started: set[str]) -> None:
+        """Fail when a watcher that had started is stopped again: circus's flapping
+        plugin stopped a crash loop."""
+        reply = self.call("status", timeout=0.2) or {}
+        for name, status in reply.get("statuses", {}).items():
+            if name not in WATCHERS:
+                continue
+            if status != "stopped":
+                started.add(name)
+            elif name in started:
+                raise ServeError(f"{name} crashed in a loop at start and circus stopped "
+                                 f"its watcher (see the {name}. lines above)")
 
     def _workers_ready(self) -> bool:
         if self.settings.mode == "direct":
@@ -142,13 +262,68 @@ class Stack:
         except TimeoutError:
             return False
 
-    def request_stop(self, signum: int, frame: object) -> None:
-        """First signal: stop gracefully (done by :meth:`wait`). Second: kill everything now."""
-        self.stop_requested += 1
-        if self.stop_requested > 1:
-            self.kill()
+    # -- running and stopping
+
+    def call(self, command: str, timeout: float, **properties: Any) -> Optional[dict]:
+        """circusd's reply to ``command``; None after ``timeout`` seconds, or at once when
+        circusd is gone or a second stop signal came."""
+        client = CircusClient(endpoint=self.endpoint)
+        try:
+            message = make_message(command, **properties)
+            message["id"] = call_id = uuid.uuid4().hex
+            client.socket.send_string(json.dumps(message))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not self._interrupted():
+                if client.socket.poll(50):
+                    reply = json.loads(client.socket.recv())
+                    if reply.get("id") == call_id:
+                        return reply
+            return None
+        finally:
+            client.stop()
+
+    def wait(self) -> int:
+        """Wait for circusd to exit, stopping the stack in order once a stop is requested;
+        then end whatever a killed circusd left behind."""
+        while True:
+            try:
+                status = self.process.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                if self.stop_requested:
+                    status = self._stop_in_order()
+                    break
+        _end_descendants()
+        return status
+
+    def _stop_in_order(self) -> int:
+        """Workers first (they finish what they hold while mongrel2 still delivers their
+        responses), then circusd and the rest; past the deadline, kill."""
+        limit = self.settings.graceful_timeout + STOP_MARGIN
+        reply = self.call("stop", timeout=limit, name="workers", waiting=True)
+        if reply is None and not self._interrupted():
+            print(f"circus-wsgi: the workers did not stop within {limit:.0f} s",
+                  file=sys.stderr)
+        elif reply is not None and reply.get("status") != "ok":
+            print(f"circus-wsgi: stopping the workers: {reply.get('reason')}",
+                  file=sys.stderr)
+        _signal(self.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                return self.process.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                if self.stop_requested > 1:
+                    return self.process.wait()
+        print(f"circus-wsgi: circusd did not stop within {limit:.0f} s; killing it",
+              file=sys.stderr)
+        self.kill()
+        return self.process.wait()
 
     def kill(self) -> None:
+        """SIGKILL circusd and every process under it."""
+        if self.process is None:
+            return
         try:
             tree = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -156,35 +331,25 @@ class Stack:
         for process in [self.process, *tree]:
             _signal(process.pid, signal.SIGKILL)
 
-    def wait(self) -> int:
-        """Wait for circusd to exit, stopping the stack in order once a stop is requested."""
-        while True:
-            try:
-                return self.process.wait(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                if self.stop_requested:
-                    return self._stop_in_order()
 
-    def _stop_in_order(self) -> int:
-        """Workers first (they finish what they hold while mongrel2 still delivers their
-        responses), then circusd and the rest; past the deadline, kill."""
-        limit = self.settings.graceful_timeout + STOP_MARGIN
-        endpoint = self.settings.endpoint or RunDir(Path(self.settings.run_dir)).circus_endpoint
-        client = CircusClient(endpoint=endpoint, timeout=limit)
-        try:
-            client.call({"command": "stop", "properties": {"name": "workers", "waiting": True}})
-        except CallError as error:
-            print(f"circus-wsgi: stopping the workers: {error}", file=sys.stderr)
-        finally:
-            client.stop()
-        _signal(self.process.pid, signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            print(f"circus-wsgi: circusd did not stop within {limit:.0f} s; killing it",
-                  file=sys.stderr)
-            self.kill()
-            return self.process.wait()
+def _become_subreaper() -> None:
+    """Adopt the orphans of our descendants (Linux ``PR_SET_CHILD_SUBREAPER``): when
+    circusd is killed, its children become this process's, to be ended and reaped."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def _end_descendants() -> None:
+    """SIGTERM what is left under this process (children of a killed circusd, such as
+    circusd-stats, which has no parent-death signal), SIGKILL it after a deadline."""
+    left = psutil.Process().children(recursive=True)
+    for process in left:
+        _signal(process.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(left, timeout=ORPHAN_TIMEOUT)
+    for process in alive:
+        _signal(process.pid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=ORPHAN_TIMEOUT)
 
 
 def _listening(host: str, port: int) -> bool:
@@ -213,13 +378,20 @@ def _announce(settings: Settings) -> None:
           f"Status: circus-wsgi status --run-dir {settings.run_dir}", flush=True)
 
 
+def preflight(settings: Settings) -> tuple[Settings, bool]:
+    """Every check that needs nothing running; the settings with their run dir, and
+    True when serve created it."""
+    check_mongrel2()
+    check_port(settings.bind)
+    check_access_log(settings)
+    check_app(settings)
+    return prepare_run_dir(settings)
+
+
 def serve(settings: Settings) -> int:
     """Run the stack in the foreground until Ctrl-C or SIGTERM; return the exit status."""
     try:
-        check_mongrel2()
-        check_port(settings.bind)
-        check_app(settings)
-        settings, created = prepare_run_dir(settings)
+        settings, created = preflight(settings)
     except ServeError as error:
         print(f"circus-wsgi: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -232,17 +404,21 @@ def serve(settings: Settings) -> int:
         stack = Stack(settings, files["circus.ini"])
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stack.request_stop)
+        stack.start()
         try:
             stack.wait_ready()
         except ServeError as error:
             print(f"circus-wsgi: error: {error}", file=sys.stderr)
-            stack.request_stop(signal.SIGTERM, None)
+            stack.request_stop()
             stack.wait()
             return 1
-        _announce(settings)
+        if not stack.stop_requested:
+            _announce(settings)
         status = stack.wait()
-        return EXIT_OK if stack.stop_requested and status in (0, -signal.SIGTERM) else (
-            status or 1)
+        if stack.stop_requested:
+            return EXIT_OK
+        print(f"circus-wsgi: error: circusd exited ({describe(status)}); the stack is "
+              "stopped", file=sys.stderr)
+        return 1
     finally:
         clean_run_dir(run_dir, created)
-
