@@ -21,6 +21,15 @@ application threads hand their messages over through a queue and a wake-up
 pipe, and get their credit and disconnect notices through their request's
 own queue.
 
+With the dispatcher's ``prefetch``, a worker may hold requests beyond its
+threads; those not started when every thread has been on its request for
+``GIVE_BACK_AFTER`` go back (RETURN). Threaded, the loop sees to it. Inline,
+the loop is inside the application, so a SIGALRM timer runs every
+``GIVE_BACK_AFTER`` while it is: its handler (Python code between the
+application's bytecodes, never inside the loop's own socket calls) returns the
+requests waiting in the socket. Like any signal, it interrupts a blocking
+system call of the application, which Python retries (PEP 475).
+
 Signals: SIGTERM: take nothing new, finish what is held, exit 0 within
 graceful_timeout. SIGINT and SIGQUIT: exit at once. :data:`exits.STUCK_SIGNAL`
 keeps its default action (terminate), so the dispatcher can kill a stuck worker.
@@ -377,15 +386,17 @@ class Worker:
                 self._serve(*self.pending.popleft())
 
     def _take_frames(self) -> None:
+        """Handle the frames kept while giving back, then those in the socket, in order."""
         handle = self._on_link_direct if self.link.direct else self._on_link_dispatcher
-        while self.deferred:
-            handle(self.deferred.popleft())
-        socket = self.link.socket
+        socket, deferred = self.link.socket, self.deferred
         for _ in range(BATCH):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+            if deferred:
+                frames = deferred.popleft()
+            else:
+                try:
+                    frames = socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
             handle(frames)
 
     def _take_results(self) -> None:
@@ -504,9 +515,7 @@ class Worker:
 
     def _accept(self, message: Message) -> None:
         if message.conn_id in self.refused:  # after a smuggling attempt on that connection
-            path = protocol.upload_file(message, self.uploads) if self.uploads else None
-            if path is not None:
-                _unlink(path)
+            self._discard_upload(message)
             return
         self.held += 1
         outbox = Outbox(message, self._pacer(message),
@@ -515,6 +524,7 @@ class Worker:
         self.active[message.conn_id] = outbox
         if protocol.is_smuggling_risk(message):
             self.refused[message.conn_id] = time.monotonic() + REFUSED_FOR
+            self._discard_upload(message)
             self._refuse(message, outbox, Refused(400, "ambiguous body length (smuggling)"))
         elif not self.inline:
             with self.ready:
@@ -524,6 +534,12 @@ class Worker:
             self.pending.append((message, outbox))
         else:
             self._serve(message, outbox)
+
+    def _discard_upload(self, message: Message) -> None:
+        """Delete the temp file of an upload that will not be served (if it is one of ours)."""
+        path = protocol.upload_file(message, self.uploads) if self.uploads else None
+        if path is not None:
+            _unlink(path)
 
     def _pacer(self, message: Message) -> Pacer:
         if not self.flow:
@@ -622,8 +638,11 @@ class Worker:
     def _on_give_back_timer(self, signum: int, frame: Any) -> None:
         """SIGALRM every GIVE_BACK_AFTER while the application runs inline."""
         if self.busy and not self.in_io:
-            self._take_back_frames()
-            self._return_pending()
+            try:
+                self._take_back_frames()
+                self._return_pending()
+            except zmq.ZMQError:
+                pass  # the context is closing: the process is leaving anyway
 
     def _take_back_frames(self) -> None:
         """Return the requests waiting in the socket; keep its other frames for the loop."""

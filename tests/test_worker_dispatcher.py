@@ -309,6 +309,17 @@ def test_smuggling_is_refused_here_too(fake, start_worker):
     assert b" 400 Bad Request" in messages[0] and messages[1] == protocol.close(SENDER, b"31")
 
 
+def test_refused_upload_is_deleted(fake, start_worker, run_dir):
+    start_worker()
+    path = RunDir(run_dir).uploads / "upload.Smug01"
+    path.write_bytes(b"0\r\n\r\n")
+    name = str(path).encode()
+    messages = fake.serve(b"34", b"/body", method=b"POST", credits=None,
+                          content_length=b"5", transfer_encoding=b"chunked",
+                          x_mongrel2_upload_start=name, x_mongrel2_upload_done=name)
+    assert b" 400 " in messages[0] and not path.exists()
+
+
 def test_upload_is_served_from_its_file_and_deleted(fake, start_worker, run_dir):
     start_worker()
     data = os.urandom(300000)
