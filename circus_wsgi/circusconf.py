@@ -1,7 +1,7 @@
 """Settings -> ``circus.ini``: how circusd runs and controls the whole stack.
 
 This module owns the circus side of a deployment: circusd's own endpoints (ipc
-sockets in the run dir; TCP only when the user set a tcp:// endpoint), statsd
+sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-stats
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
 ``dispatcher`` (not in direct mode) and ``workers``, and the flapping plugin.
 
@@ -108,8 +108,6 @@ def _circus_section(settings: Settings, run: RunDir) -> Section:
             f"watch: circus-top --endpoint {stats}", {
                 "endpoint": endpoint,
                 "pubsub_endpoint": _raw("run_dir", settings.run_dir, run.circus_pubsub),
-                "stats_endpoint": stats,
-                "statsd": "True",  # runs circusd-stats, which circus-top reads
                 # The only way plugin output (the flapping plugin's decisions) reaches
                 # circusd's output; it changes nothing else of circusd's own logging.
                 "debug": "True",
@@ -131,6 +129,27 @@ def _mongrel2_section(settings: Settings, mongrel2_db: Path) -> Section:
                 "copy_env": "True",
                 **_streams("mongrel2"),
             })
+
+
+def _stats_section(settings: Settings, run: RunDir) -> Section:
+    """circusd-stats, which circus-top reads, as an ordinary watcher.
+
+    circus's own ``statsd = True`` would start it without a parent-death signal
+    (it outlived a killed circusd) and at DEBUG level whenever ``debug`` is on.
+    """
+    endpoint = settings.endpoint or run.circus_endpoint
+    argv = _python("circus_wsgi.lifeline", sys.executable, "-c",
+                   "from circus import stats; stats.main()", "--endpoint", endpoint,
+                   "--pubsub", run.circus_pubsub, "--statspoint", run.circus_stats,
+                   "--log-level", "info")
+    return ("watcher:circusd-stats", "Per-process CPU and memory for circus-top.", {
+        "cmd": _command(argv),
+        "singleton": "True",
+        "numprocesses": "1",
+        "priority": "4",
+        "copy_env": "True",
+        **_streams("circusd-stats"),
+    })
 
 
 def _dispatcher_section(settings: Settings) -> Section:
@@ -206,7 +225,8 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     _check_settings_text(settings)
     _check_virtualenv(settings)
     run = RunDir(Path(settings.run_dir))
-    sections = [_circus_section(settings, run), _mongrel2_section(settings, mongrel2_db)]
+    sections = [_circus_section(settings, run), _stats_section(settings, run),
+                _mongrel2_section(settings, mongrel2_db)]
     if settings.mode == "dispatcher":
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))

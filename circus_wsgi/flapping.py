@@ -64,6 +64,10 @@ class Flapping(flapping.Flapping):
     """Stop a watcher whose processes crash in a loop; see the module docstring."""
 
     def __init__(self, *args: Any, **config: Any) -> None:
+        # circus runs plugins at DEBUG when circus.ini says debug = True, the only
+        # setting that lets their output through; this plugin's decisions are INFO and
+        # above, and the DEBUG lines (asyncio's among them) would only flood the log.
+        logging.getLogger().setLevel(logging.INFO)
         super().__init__(*args, **config)
         #: Watchers this plugin has stopped, until circusd reports them stopped.
         self.stopping: set[str] = set()

@@ -57,9 +57,13 @@ def test_circusd_endpoints_are_ipc_sockets_in_the_run_dir(run_dir: Path,
                                                           settings: Settings) -> None:
     config = load(run_dir, settings)
     run = RunDir(Path(settings.run_dir))
-    assert (config["endpoint"], config["pubsub_endpoint"], config["stats_endpoint"]) == (
-        run.circus_endpoint, run.circus_pubsub, run.circus_stats)
-    assert config["statsd"] is True
+    assert (config["endpoint"], config["pubsub_endpoint"]) == (
+        run.circus_endpoint, run.circus_pubsub)
+    # circus's loader turns statsd on when [circus] names a stats_endpoint: it names none,
+    # and circusd-stats runs as a watcher of its own, publishing on the run dir's socket
+    assert config["statsd"] is False
+    stats = watchers(config)["circusd-stats"]
+    assert "circus_wsgi.lifeline" in stats["cmd"] and run.circus_stats in stats["cmd"]
     assert config["multicast_endpoint"] == ""
     assert config["check_delay"] == CHECK_DELAY
     assert "tcp://" not in (run_dir / "circus.ini").read_text()
@@ -73,7 +77,7 @@ def test_a_tcp_endpoint_is_used_only_when_asked_for(run_dir: Path) -> None:
 
 def test_watchers_and_plugin(run_dir: Path, settings: Settings) -> None:
     config = load(run_dir, settings)
-    assert set(watchers(config)) == {"mongrel2", "dispatcher", "workers"}
+    assert set(watchers(config)) == {"circusd-stats", "mongrel2", "dispatcher", "workers"}
     [plugin] = config["plugins"]
     assert plugin == {"__name__": "plugin:flapping", "name": "plugin:flapping",
                       "use": FLAPPING_PLUGIN, "attempts": "3", "window": "5",
@@ -126,7 +130,7 @@ def test_a_semicolon_after_a_space_survives_circus_comment_rule(run_dir: Path) -
 
 def test_direct_mode_has_no_dispatcher(run_dir: Path) -> None:
     config = load(run_dir, resolved(run_dir, mode="direct", flow_control=False))
-    assert set(watchers(config)) == {"mongrel2", "workers"}
+    assert set(watchers(config)) == {"circusd-stats", "mongrel2", "workers"}
 
 
 def test_no_env_section_without_env(run_dir: Path) -> None:
