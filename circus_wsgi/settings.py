@@ -303,7 +303,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("recv_spec", "workers", "", _endpoint,
        "mongrel2's handler recv_spec (its SUB socket). Default: an ipc socket in run_dir.",
        "ENDPOINT"),
-    _S("prefetch", "workers", 0, _integer(0),
+    _S("prefetch", "workers", 1, _integer(0),
        "Requests a worker may hold beyond its threads while every worker is busy, so it "
        "starts the next one without waiting for the dispatcher. A worker busy with one "
        "request for 20 ms hands back those it has not started, so none waits long behind "
