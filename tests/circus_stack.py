@@ -25,6 +25,7 @@ import psutil
 from circus.client import CircusClient
 
 from circus_wsgi.settings import Settings
+from circus_wsgi.status import read_status
 from harness import TESTS_DIR, free_port, port_open, python_env, wait_for
 
 
@@ -60,8 +61,15 @@ class CircusStack:
         raise RuntimeError("no free port for mongrel2")
 
     def _serving(self) -> bool:
+        """mongrel2 listens and every worker has announced itself to the dispatcher."""
         assert self.circusd.poll() is None, f"circusd exited:\n{self.log()[-3000:]}"
-        return port_open(self.port) and len(self.pids("workers")) == self.settings.workers
+        if not port_open(self.port):
+            return False
+        try:
+            return read_status(self.settings, timeout=0.5)["idle_workers"] == \
+                self.settings.workers
+        except TimeoutError:
+            return False
 
     @property
     def port(self) -> int:

@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from circus_stack import CircusStack, Load
+from circus_wsgi.status import read_status
 from harness import wait_for
 
 
@@ -117,8 +118,6 @@ def test_no_worker_gives_503_then_serving_resumes(stack):
 
 
 def stack_status(stack: CircusStack) -> dict:
-    from circus_wsgi.status import read_status
-
     return read_status(stack.settings)
 
 
