@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from circus.client import CircusClient
 
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
-from harness import TESTS_DIR, free_port, port_open, python_env, wait_for
+from harness import TESTS_DIR, free_port, port_open, python_env, stop_circusd, wait_for
 
 
 class CircusStack:
@@ -112,16 +111,7 @@ class CircusStack:
                 tree = psutil.Process(self.circusd.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 tree = []
-            deadline = time.monotonic() + 30
-            while self.circusd.poll() is None and time.monotonic() < deadline:
-                self.circusd.send_signal(signal.SIGTERM)  # ignored while it runs a command
-                try:
-                    self.circusd.wait(0.5)
-                except subprocess.TimeoutExpired:
-                    pass
-            if self.circusd.poll() is None:
-                self.circusd.kill()
-                self.circusd.wait()
+            stop_circusd(self.circusd)
             _, alive = psutil.wait_procs(tree, timeout=10)
             for process in alive:
                 process.kill()

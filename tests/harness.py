@@ -139,6 +139,24 @@ class Process:
         raise RuntimeError("no VmRSS")
 
 
+def stop_circusd(circusd: subprocess.Popen, deadline: float = 30.0) -> None:
+    """SIGTERM circusd until it exits; past ``deadline`` seconds, SIGKILL it.
+
+    circusd ignores a SIGTERM that comes while it runs another command (such as
+    a watcher stop), so one SIGTERM is not enough.
+    """
+    end = time.monotonic() + deadline
+    while circusd.poll() is None and time.monotonic() < end:
+        circusd.terminate()
+        try:
+            circusd.wait(0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    if circusd.poll() is None:
+        circusd.kill()
+        circusd.wait()
+
+
 def python_env() -> dict:
     """The environment for Python children: the project importable, output unbuffered."""
     env = dict(os.environ)

@@ -25,6 +25,7 @@ from circus.client import CircusClient
 
 from circus_wsgi import exits
 from circus_wsgi.flapping import Flapping
+from harness import stop_circusd
 
 BIN = Path(sys.executable).parent
 CHECK_DELAY, ATTEMPTS, WINDOW, RETRY_IN, MAX_RETRY = 0.3, 3, 2.0, 1.5, 2
@@ -121,16 +122,7 @@ class Circus:
         as a watcher stop), so SIGTERM is sent again until it exits.
         """
         self.client.stop()
-        end = time.monotonic() + deadline
-        while self.process.poll() is None and time.monotonic() < end:
-            self.process.terminate()
-            try:
-                self.process.wait(0.5)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        stop_circusd(self.process, deadline)
         self.events.done.set()
         self.events.join()
         left = [p for p in psutil.process_iter() if _cwd(p) == str(self.run)]
@@ -201,8 +193,14 @@ def test_the_log_shows_the_decisions(circus):
 def test_exits_caused_by_its_own_stop_are_not_counted(circus):
     gave_up(circus, "doomed")
     stop_kills = {msg["process_pid"] for msg in circus.events.of("doomed", "kill")}
-    reaped = {msg["process_pid"]: msg["exit_code"] for msg in circus.events.of("doomed", "reap")}
-    assert stop_kills and all(reaped.get(pid) == 1 for pid in stop_kills)
+
+    def reaped() -> dict:
+        return {msg["process_pid"]: msg["exit_code"] for msg in circus.events.of("doomed", "reap")}
+
+    wait_for(lambda: stop_kills <= set(reaped()), 5)  # events arrive on their own thread
+    # some killed before their SIGTERM handler was in place end by the signal instead;
+    # those that exited 1 are what a plugin counting every exit would count
+    assert any(reaped()[pid] == 1 for pid in stop_kills)
     counted = {int(pid) for pid in re.findall(r"doomed: crash counted: pid (\d+)", circus.log())}
     assert counted and not counted & stop_kills
 
