@@ -37,6 +37,8 @@ log = logging.getLogger("circus_wsgi.dispatcher")
 
 #: Messages taken from one socket per poll wake-up before looking at the others.
 BATCH = 256
+#: How a credits notice ends: mongrel2 sends one after each response it writes.
+CREDITS_BODY = b'18:{"type":"credits"},'
 #: How often queue and request deadlines are checked, in seconds.
 TICK = 0.1
 #: After a worker's process exits, how long its last frames (already sent, maybe not
@@ -159,6 +161,11 @@ class Dispatcher:
 
     def _on_mongrel2(self, frames: list[zmq.Frame]) -> None:
         raw = frames[0].bytes
+        if raw.endswith(CREDITS_BODY):  # after every response: route it without parsing
+            _, conn, path, _ = raw.split(b" ", 3)
+            if path == b"@*":  # mongrel2's own: no route of a client's request matches @*
+                self._notify_holder(conn, frames[0])
+                return
         try:
             message = parse(raw)
         except ProtocolError as error:
@@ -171,12 +178,12 @@ class Dispatcher:
             self._on_request(message, frames[0], None)
         elif kind is Kind.UPLOAD_DONE:
             self._on_upload_done(message, frames[0])
-        elif kind is Kind.CREDITS:
-            self._notify_holder(conn, frames[0])
         elif kind is Kind.DISCONNECT:
             self._on_disconnect(message, frames[0])
-        else:
+        elif kind is Kind.UPLOAD_START:
             self._on_upload_start(message)
+        else:  # a credits notice in another layout than mongrel2 1.12's
+            self._notify_holder(conn, frames[0])
 
     def _on_upload_start(self, message: Message) -> None:
         """The body is arriving in a temp file; the request waits for upload-done.

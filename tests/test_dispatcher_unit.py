@@ -44,7 +44,7 @@ def notice_bytes(conn: int, kind: str, credits: int = 0) -> bytes:
     headers = {b"METHOD": b"JSON"}
     if credits:
         headers[b"DOWNLOAD_CREDITS"] = str(credits).encode()
-    body = json.dumps({"type": kind}).encode()
+    body = json.dumps({"type": kind}, separators=(",", ":")).encode()  # as mongrel2 writes it
     return b"%s %d @* %s%d:%s," % (SENDER, conn, tnetstring.dumps(headers), len(body), body)
 
 
@@ -220,6 +220,14 @@ def test_notices_reach_the_worker_holding_the_connection(stack):
     assert command == dp.NOTICE and parse(data).credits == 4096
     command, data = a.next()
     assert command == dp.NOTICE and parse(data).conn_id == b"1"
+
+
+def test_a_request_whose_body_looks_like_a_credits_notice_is_a_request(stack):
+    mongrel2, worker, *_ = stack
+    taker = worker()
+    mongrel2.send(request_bytes(1, b"/api", {b"METHOD": b"POST", b"content-length": b"18"},
+                                b'{"type":"credits"}'))
+    assert taker.take() == b"1"
 
 
 def test_a_disconnect_removes_a_queued_request(stack):
