@@ -165,3 +165,15 @@ def test_workers_that_crash_at_start_are_stopped_by_flapping():
         assert stack.status("workers") == "stopped"
     finally:
         stack.stop()
+
+
+def test_after_a_kill_9_of_the_dispatcher_workers_responses_still_reach_their_clients(stack):
+    wait_for(lambda: stack_status(stack)["idle_workers"] == 2, 10)
+    replies = [in_background(get, stack.port, "/slow?s=1.5") for _ in range(2)]
+    wait_for(lambda: stack_status(stack)["in_flight"] == 2, 5)
+    [dispatcher] = stack.pids("dispatcher")
+    os.kill(dispatcher, signal.SIGKILL)
+    wait_for(lambda: all(replies), 10)
+    assert [reply[0][0] for reply in replies] == [200, 200]  # held by workers: not lost
+    wait_for(lambda: stack.pids("dispatcher") not in ([], [dispatcher]), 10)
+    wait_for(lambda: get(stack.port, "/hello")[0] == 200, 10)
