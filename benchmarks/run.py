@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ HOST = "127.0.0.1"
 #: Ports below the ephemeral range (32768-60999), where collisions were seen.
 PORTS = range(18200, 32000)
 CONNECTIONS = 50
+#: Directories put before the checkout on the servers' PYTHONPATH (--package-dir).
+PACKAGE_PATH: list[str] = []
+#: More arguments for every ``circus-wsgi serve`` (--serve-args).
+SERVE_ARGS: list[str] = []
+#: mongrel2 settings added to the *-config variants' config.sqlite (--mongrel2-setting).
+MONGREL2_SETTINGS: dict[str, str] = {}
 #: Before each load run, wait for the machine's other work to fall under this share
 #: of a core (sampled over QUIET_SAMPLE seconds), for at most --quiet-wait seconds.
 QUIET_THRESHOLD = 0.25
@@ -75,8 +82,7 @@ class Scenario:
     method: str = "GET"
     body_size: int = 0
     close: bool = False
-    client: str = "wrk"  # or "slowmix"
-    metric: str = "req/s"  # what the report ranks: req/s, or the fast p99 for the slow mix
+    client: str = "wrk"  # or "slowmix", whose table ranks the fast requests' p99
 
 
 SCENARIOS = (
@@ -85,8 +91,7 @@ SCENARIOS = (
     Scenario("json", "JSON (1 KB), keep-alive", "/json"),
     Scenario("big", "100 KB response, keep-alive", "/big"),
     Scenario("upload", "1 MB POST echoed back, keep-alive", "/echo", "POST", 1 << 20),
-    Scenario("slowmix", "1 % of requests sleep 1 s (80 req/s, open loop)", client="slowmix",
-             metric="fast p99"),
+    Scenario("slowmix", "1 % of requests sleep 1 s (80 req/s, open loop)", client="slowmix"),
 )
 QUICK_SCENARIOS = ("hello", "hello-close")
 
@@ -97,11 +102,10 @@ QUICK_SCENARIOS = ("hello", "hello-close")
 
 @dataclass
 class Launch:
-    """How one server instance is started: its argv, working dir and extra environment."""
+    """How one server instance is started: its argv, its working dir, what to remove after."""
 
     argv: list[str]
     cwd: Path = ROOT
-    env: dict[str, str] = field(default_factory=dict)
     cleanup: Callable[[], None] | None = None
 
 
@@ -109,12 +113,13 @@ class Launch:
 class Server:
     name: str
     title: str
-    launch: Callable[[int, Path], Launch]  # (port, log dir) -> Launch
+    launch: Callable[[int], Launch]  # port -> how to start it
     group: Callable[[psutil.Process, int], str]  # (process, root pid) -> role
     scenarios: tuple[str, ...] | None = None  # None: all
     paths: dict[str, str] = field(default_factory=dict)  # scenario -> URL path override
     stop_signals: tuple[int, ...] = (signal.SIGTERM,)
     python_side: tuple[str, ...] = ("workers",)  # roles whose CPU is the Python side
+    note: str = ""  # how it runs, for the document, when its argv would not say it
 
 
 def _circus_group(proc: psutil.Process, root: int) -> str:
@@ -138,19 +143,19 @@ def _single(role: str) -> Callable[[psutil.Process, int], str]:
     return lambda proc, root: role
 
 
-def circus_wsgi(threads: int, direct: bool = False) -> Callable[[int, Path], Launch]:
-    def launch(port: int, logs: Path) -> Launch:
+def circus_wsgi(threads: int, direct: bool = False) -> Callable[[int], Launch]:
+    def launch(port: int) -> Launch:
         argv = [str(BIN / "circus-wsgi"), "serve", APP, "--bind", f"{HOST}:{port}",
                 "--workers", "2", "--threads", str(threads), "--chdir", str(ROOT),
                 "--access-log="]  # the others write no access log by default either
         if direct:
             argv += ["--mode", "direct", "--flow-control", "false"]
-        return Launch(argv)
+        return Launch(argv + SERVE_ARGS)
     return launch
 
 
-def gunicorn(worker_class: str) -> Callable[[int, Path], Launch]:
-    def launch(port: int, logs: Path) -> Launch:
+def gunicorn(worker_class: str) -> Callable[[int], Launch]:
+    def launch(port: int) -> Launch:
         argv = [str(BIN / "gunicorn"), "--workers", "2", "--bind", f"{HOST}:{port}",
                 "--chdir", str(ROOT), "--log-level", "warning", "--worker-class", worker_class]
         if worker_class == "gthread":
@@ -159,7 +164,7 @@ def gunicorn(worker_class: str) -> Callable[[int, Path], Launch]:
     return launch
 
 
-def granian(port: int, logs: Path) -> Launch:
+def granian(port: int) -> Launch:
     return Launch([str(BIN / "granian"), "--interface", "wsgi", "--workers", "2",
                    "--host", HOST, "--port", str(port), "--log-level", "warning", "--no-ws",
                    APP])
@@ -170,19 +175,47 @@ WAITRESS = ("import logging, sys; logging.basicConfig(level=logging.ERROR); "
             "waitress.serve(apps.app, listen=sys.argv[1], threads=4)")
 
 
-def waitress(port: int, logs: Path) -> Launch:
+def waitress(port: int) -> Launch:
     # waitress-serve logs a warning per queued task under load; this is the same
     # server with its logging at ERROR.
     return Launch([sys.executable, "-c", WAITRESS, f"{HOST}:{port}"])
 
 
+def circus_config(direct: bool = False) -> Callable[[int], Launch]:
+    """circus-wsgi from ``circus-wsgi config``'s files (with --serve-args) run by a plain
+    ``circusd circus.ini``, with the --mongrel2-setting values added to config.sqlite:
+    for trying mongrel2 settings that circus-wsgi does not expose (yet)."""
+    def launch(port: int) -> Launch:
+        import sqlite3
+
+        base = Path(tempfile.mkdtemp(prefix="cwt-", dir="/tmp"))
+        argv = [str(BIN / "circus-wsgi"), "config", APP, "--out", str(base), "--bind",
+                f"{HOST}:{port}", "--workers", "2", "--chdir", str(ROOT), "--access-log="]
+        if direct:
+            argv += ["--mode", "direct", "--flow-control", "false"]
+        subprocess.run(argv + SERVE_ARGS, check=True, capture_output=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": _pythonpath()})
+        with sqlite3.connect(base / "config.sqlite") as db:
+            for key, value in MONGREL2_SETTINGS.items():
+                db.execute("DELETE FROM setting WHERE key = ?", (key,))
+                db.execute("INSERT INTO setting (key, value) VALUES (?, ?)", (key, value))
+        db.close()
+        return Launch([sys.executable, "-m", "circus.circusd", str(base / "circus.ini")],
+                      cleanup=lambda: shutil.rmtree(base, ignore_errors=True))
+    return launch
+
+
+def _pythonpath() -> str:
+    """The servers' PYTHONPATH: --package-dir first, then the checkout (for the apps)."""
+    return os.pathsep.join([*PACKAGE_PATH, str(ROOT)])
+
+
 STATIC_FILES = {"hello.txt": b"Hello, World!", "big.bin": b"x" * (100 * 1024)}
 
 
-def mongrel2_static(port: int, logs: Path) -> Launch:
+def mongrel2_static(port: int) -> Launch:
     """mongrel2 alone serving files: a config from circus-wsgi's own generator with
     a --static route, mongrel2 run directly."""
-    sys.path.insert(0, str(ROOT))
     from circus_wsgi.mongrel2 import MONGREL2_WORKING_DIR, write_mongrel2_config
     from circus_wsgi.rundir import RunDir
     from circus_wsgi.settings import Settings
@@ -216,7 +249,20 @@ SERVERS = (
            scenarios=("hello", "hello-close", "big"),
            paths={"hello": "/static/hello.txt", "hello-close": "/static/hello.txt",
                   "big": "/static/big.bin"},
-           stop_signals=(signal.SIGTERM, signal.SIGTERM), python_side=()),
+           stop_signals=(signal.SIGTERM, signal.SIGTERM), python_side=(),
+           note="``mongrel2 config.sqlite UUID``, the config.sqlite written by circus-wsgi's "
+           "own generator (``Settings(static=[('/static', DIR)])``), the files at /static/."),
+)
+CONFIG_NOTE = ("``circus-wsgi config APP --workers 2 --access-log= %s--out DIR`` and "
+               "``circusd DIR/circus.ini``, with the --mongrel2-setting values put in "
+               "DIR/config.sqlite.")
+#: Variants for trying mongrel2 settings, run only when named in --servers.
+EXTRA_SERVERS = (
+    Server("circus-t1-config", "circus-wsgi, threads 1, tuned mongrel2", circus_config(),
+           _circus_group, python_side=("dispatcher", "workers"), note=CONFIG_NOTE % ""),
+    Server("circus-direct-config", "circus-wsgi direct, tuned mongrel2",
+           circus_config(direct=True), _circus_group, python_side=("dispatcher", "workers"),
+           note=CONFIG_NOTE % "--mode direct --flow-control false "),
 )
 REFERENCE = "gunicorn-sync"
 ROLES = ("mongrel2", "dispatcher", "workers", "manager", "loadgen", "other")
@@ -266,10 +312,10 @@ class Running:
     def __init__(self, server: Server, logs: Path) -> None:
         self.server = server
         self.port = free_port()
-        self.launch = server.launch(self.port, logs)
+        self.launch = server.launch(self.port)
         self.log_path = logs / f"{server.name}-{self.port}.log"
         self.log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.launch.env}
+        env = {**os.environ, "PYTHONPATH": _pythonpath()}
         self.process = subprocess.Popen(
             self.launch.argv, cwd=self.launch.cwd, env=env, stdin=subprocess.DEVNULL,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -338,6 +384,8 @@ class Running:
             self.process.wait(max(0.1, deadline - time.monotonic()))
         alive = [p for p in self.seen.values() if _alive(p)]
         _, alive = psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
+        if alive:
+            self._dump_stacks(alive)
         for proc in alive:
             with contextlib.suppress(psutil.Error):
                 self.leftovers.append(" ".join(proc.cmdline())[:120])
@@ -351,6 +399,23 @@ class Running:
             self.launch.cleanup()
 
 
+    def _dump_stacks(self, procs: list[psutil.Process]) -> None:
+        """Before killing what did not stop: every Python process's threads (py-spy dump),
+        into the log directory, for whoever debugs the stop."""
+        path = self.log_path.with_suffix(".stuck.txt")
+        with open(path, "w") as out:
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    out.write(f"=== {proc.pid}: {' '.join(proc.cmdline())}\n")
+                    if "python" not in proc.name():
+                        continue
+                    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                        out.write(subprocess.run(
+                            [str(BIN / "py-spy"), "dump", "--pid", str(proc.pid)],
+                            capture_output=True, text=True, timeout=15).stdout)
+        self.leftovers.append(f"stacks in {path.relative_to(ROOT)}")
+
+
 def _alive(proc: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -358,25 +423,30 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 @contextlib.contextmanager
-def running(server: Server, logs: Path) -> Iterator[Running]:
+def running(server: Server, logs: Path, incidents: list[str] | None = None
+            ) -> Iterator[Running]:
+    """A started server, stopped (and its leftovers killed, and noted) on leaving."""
     instance = Running(server, logs)
     try:
         yield instance
     finally:
         instance.stop()
         if instance.leftovers:
-            print(f"  ! {server.name}: killed leftover processes: {instance.leftovers}",
-                  flush=True)
+            note = (f"{server.title}: not stopped {STOP_TIMEOUT:.0f} s after SIGTERM; killed "
+                    + "; ".join(instance.leftovers))
+            print(f"  ! {note}", flush=True)
+            if incidents is not None:
+                incidents.append(note)
 
 
 # ---------------------------------------------------------------------------
 # Load
 
 
-def _bounded(argv: list[str], deadline: float, cwd: Path = ROOT) -> tuple[str, float]:
+def _bounded(argv: list[str], deadline: float) -> tuple[str, float]:
     """Run a load generator to completion (SIGKILL past ``deadline`` seconds);
     return its output and its CPU seconds (from its rusage)."""
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, preexec_fn=_die_with_parent)
     timer = _Timer(deadline, proc.pid)
     try:
@@ -398,7 +468,6 @@ class _Timer:
     """SIGKILL a process after a deadline, unless cancelled."""
 
     def __init__(self, seconds: float, pid: int) -> None:
-        import threading
         self._timer = threading.Timer(seconds, lambda: _kill_quietly(pid))
         self._timer.daemon = True
         self._timer.start()
@@ -476,8 +545,11 @@ def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads:
     after, machine_after = instance.cpu(), _machine_busy()
     report = _report_line(output)
     cpu = {role: 0.0 for role in ROLES}
+    per_process: dict[str, tuple[str, float]] = {}
     for key, (role, seconds) in after.items():
-        cpu[role] += seconds - before.get(key, (role, 0.0))[1]
+        used = seconds - before.get(key, (role, 0.0))[1]
+        cpu[role] += used
+        per_process[str(key[0])] = (role, used)
     cpu["loadgen"] = loadgen_cpu
     # CPU the machine spent on anything else (other people's jobs, the kernel's
     # softirq work not charged to a process): a check on the run's cleanliness.
@@ -486,8 +558,9 @@ def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads:
     result = {"server": instance.server.name, "scenario": scenario.name, "wall": wall,
               "waited_for_quiet": waited,
               "requests": report["requests"], "rps": report["requests"] / seconds,
-              "cpu": cpu, "cpu_seconds": seconds, "raw": report,
-              "vanished": sorted(role for key, (role, _) in before.items() if key not in after)}
+              "cpu": cpu, "load_seconds": seconds, "raw": report,
+              "vanished": sorted(role for key, (role, _) in before.items() if key not in after),
+              "processes": per_process, "idle_workers": _idle_workers(per_process, scenario)}
     if scenario.client == "slowmix":
         result["p50_ms"] = report["fast"]["latency_us"]["50"] / 1000
         result["p99_ms"] = report["fast"]["latency_us"]["99"] / 1000
@@ -508,8 +581,9 @@ def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads:
 
 def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, duration: float,
                slow_duration: float, warmup: float, wrk_threads: int, quiet_wait: float,
-               out: Path, failures: list[dict]) -> list[dict]:
-    """Every load run of every round; a server that fails is noted in ``failures``."""
+               out: Path, incidents: list[str]) -> list[dict]:
+    """Every load run of every round; what went wrong on the way is noted in ``incidents``
+    (a server that failed to start or stop, a worker that did nothing)."""
     results: list[dict] = []
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -520,7 +594,7 @@ def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, du
             if not wanted:
                 continue
             try:
-                with running(server, logs) as instance:
+                with running(server, logs, incidents) as instance:
                     first = SCENARIOS_BY_NAME["hello"]
                     instance.wait_ready(first)
                     if warmup:
@@ -533,16 +607,31 @@ def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, du
                                          quiet_wait)
                         result["round"] = number
                         results.append(result)
-                    print(f"round {number} {server.name:16} {scenario.name:12} "
-                          f"{result['rps']:9.0f} req/s  p50 {result['p50_ms']:7.2f} ms  "
-                          f"p99 {result['p99_ms']:8.2f} ms  errors {result['errors']}"
-                          f"{_resets(result.get('resets', 0))}  other CPU "
-                          f"{100 * result['cpu']['other'] / result['cpu_seconds']:.0f} %",
-                          flush=True)
+                        if result["idle_workers"]:
+                            incidents.append(
+                                f"{server.title}, round {number}, {scenario.title}: worker "
+                                f"process(es) {', '.join(result['idle_workers'])} used under a "
+                                "tenth of the busiest worker's CPU (stuck?)")
+                        print(f"round {number} {server.name:16} {scenario.name:12} "
+                              f"{result['rps']:9.0f} req/s  p50 {result['p50_ms']:7.2f} ms  "
+                              f"p99 {result['p99_ms']:8.2f} ms  errors {result['errors']}"
+                              f"{_resets(result.get('resets', 0))}  other CPU "
+                              f"{100 * result['cpu']['other'] / result['load_seconds']:.0f} %"
+                              + (f"  ! idle worker(s) {', '.join(result['idle_workers'])}"
+                                 if result["idle_workers"] else ""), flush=True)
             except RuntimeError as error:  # the server failed: say so, go on with the others
-                failures.append({"server": server.name, "round": number, "error": str(error)})
+                incidents.append(f"{server.title} failed in round {number}: {error}")
                 print(f"round {number} {server.name:16} FAILED: {error}", flush=True)
     return results
+
+
+def _idle_workers(per_process: dict[str, tuple[str, float]], scenario: Scenario) -> list[str]:
+    """Worker processes that did (almost) nothing while the others were saturated: stuck."""
+    workers = {pid: used for pid, (role, used) in per_process.items() if role == "workers"}
+    if scenario.client != "wrk" or len(workers) < 2:
+        return []
+    busiest = max(workers.values())
+    return [pid for pid, used in workers.items() if used < 0.1 * busiest]
 
 
 def _resets(count: int) -> str:
@@ -550,7 +639,7 @@ def _resets(count: int) -> str:
 
 
 SCENARIOS_BY_NAME = {s.name: s for s in SCENARIOS}
-SERVERS_BY_NAME = {s.name: s for s in SERVERS}
+SERVERS_BY_NAME = {s.name: s for s in SERVERS + EXTRA_SERVERS}
 
 
 # ---------------------------------------------------------------------------
@@ -576,9 +665,84 @@ def _collapsed(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
     return total, own, inclusive
 
 
+def _thread_kind(pid: int, tid: int) -> str:
+    """What a thread is, from its kernel name: the interpreter's own, or ZeroMQ's."""
+    if tid == pid:
+        return "main"
+    try:
+        comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return "other"
+    if comm.startswith("ZMQbg/IO"):
+        return "zmq-io"
+    if comm.startswith("ZMQbg"):
+        return "zmq-other"
+    return "app-threads" if comm.startswith("python") else comm
+
+
+def thread_cpu(instance: Running) -> dict[str, dict[str, float]]:
+    """CPU seconds by role and thread kind, and context switches by role."""
+    usage: dict[str, dict[str, float]] = {}
+    for proc in instance.processes():
+        with contextlib.suppress(psutil.Error):
+            role = instance.server.group(proc, instance.root.pid)
+            if role in ("manager",):
+                continue
+            cell = usage.setdefault(role, {})
+            for thread in proc.threads():
+                kind = _thread_kind(proc.pid, thread.id)
+                cell[kind] = cell.get(kind, 0.0) + thread.user_time + thread.system_time
+            switches = proc.num_ctx_switches()
+            cell["ctx-voluntary"] = cell.get("ctx-voluntary", 0) + switches.voluntary
+            cell["ctx-involuntary"] = cell.get("ctx-involuntary", 0) + switches.involuntary
+    return usage
+
+
+def _sampler(role: str, pid: int, duration: float, profiles: Path) -> list[str] | None:
+    """The command that samples one process: py-spy for Python, perf for mongrel2."""
+    if role == "mongrel2":
+        if not shutil.which("perf"):
+            return None
+        return ["perf", "record", "-q", "-F", "499", "-g", "-o",
+                str(profiles / "mongrel2.perf.data"), "-p", str(pid), "--", "sleep",
+                f"{duration:g}"]
+    return [str(BIN / "py-spy"), "record", "--pid", str(pid), "--duration", f"{duration:g}",
+            "--rate", "250", "--format", "raw", "--nonblocking",
+            "--output", str(profiles / f"{role}.txt")]
+
+
+def _perf_dsos(pid: int, duration: float, path: Path) -> subprocess.Popen | None:
+    """perf on a Python process, for the split between interpreter, libzmq and kernel."""
+    if not shutil.which("perf"):
+        return None
+    return subprocess.Popen(["perf", "record", "-q", "-F", "499", "-o", str(path), "-p",
+                             str(pid), "--", "sleep", f"{duration:g}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _perf_report(path: Path, sort: str, limit: float) -> list[tuple[float, str]]:
+    report = subprocess.run(["perf", "report", "-i", str(path), "--stdio", "--no-children",
+                             "--sort", sort, "-g", "none", "--percent-limit", str(limit)],
+                            capture_output=True, text=True, timeout=120)
+    path.with_suffix(".txt").write_text(report.stdout)
+    rows = []
+    for line in report.stdout.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(.*)", line)
+        if match and not line.lstrip().startswith("#"):
+            rows.append((float(match.group(1)), " ".join(match.group(2).split())))
+    return rows
+
+
 def profile(server: Server, duration: float, wrk_threads: int, out: Path) -> dict:
-    """Load the server with hello while py-spy samples the dispatcher and one worker,
-    and perf samples mongrel2; keep the raw files and the top functions."""
+    """Where circus-wsgi's time goes under the hello keep-alive load.
+
+    First a clean run gives the CPU of every thread (the interpreter's own thread
+    and ZeroMQ's I/O thread of each process) and the context switches, per request.
+    Then a sampled run: py-spy on the dispatcher and one worker, perf on mongrel2
+    (by symbol) and on the dispatcher and worker (by shared object: interpreter,
+    libzmq, kernel). Raw files stay in ``out/profiles``.
+    """
     profiles = out / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     scenario = SCENARIOS_BY_NAME["hello"]
@@ -586,6 +750,13 @@ def profile(server: Server, duration: float, wrk_threads: int, out: Path) -> dic
     with running(server, out / "logs") as instance:
         instance.wait_ready(scenario)
         _bounded(wrk_argv(instance.url(scenario), scenario, 2, wrk_threads), 32)
+        before = thread_cpu(instance)
+        clean = measure(instance, scenario, duration, wrk_threads)
+        after = thread_cpu(instance)
+        requests = max(1, clean["requests"])
+        found["clean"] = {"rps": clean["rps"], "requests": clean["requests"], "threads": {
+            role: {kind: (value - before.get(role, {}).get(kind, 0.0)) / requests
+                   for kind, value in kinds.items()} for role, kinds in after.items()}}
         targets: dict[str, int] = {}
         for proc in instance.processes():
             with contextlib.suppress(psutil.Error):
@@ -594,30 +765,27 @@ def profile(server: Server, duration: float, wrk_threads: int, out: Path) -> dic
                     targets[role] = proc.pid
         samplers = []
         for role, pid in targets.items():
-            if role == "mongrel2":
-                if not shutil.which("perf"):
-                    continue
-                argv = ["perf", "record", "-F", "499", "-g", "-o",
-                        str(profiles / "mongrel2.perf.data"), "-p", str(pid), "--", "sleep",
-                        f"{duration:g}"]
-            else:
-                argv = [str(BIN / "py-spy"), "record", "--pid", str(pid), "--duration",
-                        f"{duration:g}", "--rate", "250", "--format", "raw", "--nonblocking",
-                        "--output", str(profiles / f"{role}.txt")]
-            samplers.append((role, subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                start_new_session=True, preexec_fn=_die_with_parent)))
+            argv = _sampler(role, pid, duration, profiles)
+            if argv:
+                samplers.append((role, subprocess.Popen(
+                    argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    start_new_session=True, preexec_fn=_die_with_parent)))
+            if role != "mongrel2":
+                perf = _perf_dsos(pid, duration, profiles / f"{role}.perf.data")
+                if perf:
+                    samplers.append((role + "-perf", perf))
         time.sleep(0.5)
         load = measure(instance, scenario, duration + 1, wrk_threads)
-        found["load"] = {k: load[k] for k in ("rps", "cpu", "cpu_seconds", "requests")}
+        found["load"] = {k: load[k] for k in ("rps", "cpu", "load_seconds", "requests")}
         for role, proc in samplers:
             try:
                 _, err = proc.communicate(timeout=duration + 30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, err = proc.communicate()
-            found["targets"][role] = {"returncode": proc.returncode,
-                                      "stderr": err.decode(errors="replace")[-400:]}
+            found["targets"].setdefault(role, {}).update({
+                "returncode": proc.returncode,
+                "stderr": (err or b"").decode(errors="replace")[-400:]})
     for role in ("dispatcher", "workers"):
         path = profiles / f"{role}.txt"
         if path.exists():
@@ -626,21 +794,13 @@ def profile(server: Server, duration: float, wrk_threads: int, out: Path) -> dic
                 "file": str(path.relative_to(ROOT)), "samples": total,
                 "self": sorted(own.items(), key=lambda kv: -kv[1])[:15],
                 "inclusive": sorted(inclusive.items(), key=lambda kv: -kv[1])[:25]})
+        perf_data = profiles / f"{role}.perf.data"
+        if perf_data.exists():
+            found["targets"].setdefault(role, {})["dsos"] = _perf_report(perf_data, "dso", 1.0)
     perf_data = profiles / "mongrel2.perf.data"
     if perf_data.exists():
-        report = subprocess.run(
-            ["perf", "report", "-i", str(perf_data), "--stdio", "--no-children",
-             "--sort", "dso,sym", "-g", "none", "--percent-limit", "1.5"],
-            capture_output=True, text=True, timeout=120)
-        (profiles / "mongrel2.perf.txt").write_text(report.stdout)
-        rows = []
-        for line in report.stdout.splitlines():
-            match = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*)", line)
-            if match:
-                rows.append((float(match.group(1)), match.group(2), match.group(3).strip()))
-        found["targets"].setdefault("mongrel2", {})["top"] = rows[:15]
-        found["targets"]["mongrel2"]["file"] = str(
-            (profiles / "mongrel2.perf.txt").relative_to(ROOT))
+        found["targets"].setdefault("mongrel2", {})["top"] = \
+            _perf_report(perf_data, "dso,sym", 1.5)[:15]
     return found
 
 
@@ -662,7 +822,7 @@ def summarize(results: list[dict]) -> dict[str, dict[str, dict]]:
             cell[key].append(result[key])
         for role in ROLES:
             seconds = result["cpu"].get(role, 0.0)
-            cell["cpu_pct"][role].append(100 * seconds / result["cpu_seconds"])
+            cell["cpu_pct"][role].append(100 * seconds / result["load_seconds"])
             cell["cpu_us_per_req"][role].append(1e6 * seconds / max(1, result["requests"]))
     for cells in table.values():
         for cell in cells.values():
@@ -873,6 +1033,9 @@ def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Pa
                       if scenario.client == "slowmix" else "requests/s (median)", fontsize=8)
         if scenario.client == "slowmix":
             ax.set_xscale("log")
+            ax.set_xlim(right=max(values) * 3)
+        else:
+            ax.set_xlim(0, max(values) * 1.18)  # room for the labels
         ax.tick_params(labelsize=8)
         for y, value in enumerate(values[::-1]):
             ax.text(value, y, f" {value:,.0f}" if value >= 10 else f" {value:.1f}",
@@ -888,36 +1051,67 @@ def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Pa
 
 def _profile_section(found: dict | None) -> list[str]:
     if not found:
-        return ["No profile was taken in this run (``--profile`` takes one; a full run "
-                "takes one when a target is missed).", ""]
-    load = found.get("load", {})
+        return ["No profile was taken in this run (``--profile always`` takes one; a full "
+                "run takes one when a target is missed).", ""]
     lines = [f"circus-wsgi ({SERVERS_BY_NAME[found['server']].title}) under the hello "
-             f"keep-alive load for {found['duration']:g} s "
-             f"({_fmt(load.get('rps'))} req/s while sampled; py-spy at 250 Hz on the "
-             "dispatcher and on one worker, perf at 499 Hz on mongrel2). "
-             "Percentages are of the samples in which the process was running "
-             "(idle waits are not sampled). Raw files: "
-             "benchmarks/results/.../profiles/ (py-spy's collapsed stacks; "
-             "``perf report -i mongrel2.perf.data``).", ""]
+             f"keep-alive load, {found['duration']:g} s per run. Raw files: "
+             "benchmarks/results/RUN/profiles/ (py-spy's collapsed stacks, perf data and "
+             "reports).", ""]
+    clean = found.get("clean")
+    if clean:
+        lines += [f"**CPU per request, by thread** (a run without samplers, "
+                  f"{_fmt(clean['rps'])} req/s). *main* is the thread running Python, "
+                  "*zmq-io* is ZeroMQ's I/O thread, which moves every message between the "
+                  "socket and the process; for mongrel2, *main* is its event loop. Context "
+                  "switches per request: voluntary (the process waited) and involuntary "
+                  "(preempted: more runnable threads than cores).", ""]
+        rows = []
+        for role in ("mongrel2", "dispatcher", "workers"):
+            kinds = clean["threads"].get(role)
+            if not kinds:
+                continue
+            cpu = {k: v for k, v in kinds.items() if not k.startswith("ctx")}
+            rows.append([role, f"{1e6 * sum(cpu.values()):.1f}",
+                         f"{1e6 * cpu.get('main', 0.0):.1f}", f"{1e6 * cpu.get('zmq-io', 0.0):.1f}",
+                         f"{1e6 * sum(v for k, v in cpu.items() if k not in ('main', 'zmq-io')):.1f}",
+                         f"{kinds.get('ctx-voluntary', 0):.2f}",
+                         f"{kinds.get('ctx-involuntary', 0):.2f}"])
+        lines += _rst_table(["process", "us/req", "main", "zmq-io", "other threads",
+                             "ctx vol/req", "ctx invol/req"], rows) + [""]
+    load = found.get("load", {})
+    lines += [f"**Sampled run** ({_fmt(load.get('rps'))} req/s while sampled): py-spy at "
+              "250 Hz on the dispatcher and on one worker (percentages of the samples in "
+              "which the Python thread was running; idle waits are not sampled), perf at "
+              "499 Hz on mongrel2 and, by shared object, on the dispatcher and the worker "
+              "(all threads).", ""]
     for role in ("dispatcher", "workers"):
-        info = found["targets"].get(role)
-        if not info or "samples" not in info:
-            lines += [f"{role}: no profile ({(info or {}).get('stderr', 'not sampled')!r}).", ""]
-            continue
-        total = max(1, info["samples"])
-        lines += [f"**{role}** ({info['samples']} samples); time spent *in* each function "
-                  "(self) and *under* it (inclusive):", ""]
-        rows = [[f"{100 * n / total:.1f} %", _short(name)] for name, n in info["self"][:12]]
-        lines += _rst_table(["self", "function"], rows) + [""]
-        rows = [[f"{100 * n / total:.1f} %", _short(name)]
-                for name, n in info["inclusive"] if not _is_boilerplate(name)][:14]
-        lines += _rst_table(["inclusive", "function"], rows) + [""]
+        info = found["targets"].get(role) or {}
+        if "samples" not in info:
+            lines += [f"{role}: no py-spy profile ({info.get('stderr', 'not sampled')!r}).", ""]
+        else:
+            total = max(1, info["samples"])
+            lines += [f"**{role}**, py-spy ({info['samples']} samples): time *in* each "
+                      "function (self) and *under* it (inclusive):", ""]
+            rows = [[f"{100 * n / total:.1f} %", _short(name)] for name, n in info["self"][:12]]
+            lines += _rst_table(["self", "function"], rows) + [""]
+            rows = [[f"{100 * n / total:.1f} %", _short(name)]
+                    for name, n in info["inclusive"] if not _is_boilerplate(name)][:14]
+            lines += _rst_table(["inclusive", "function"], rows) + [""]
+        if info.get("dsos"):
+            lines += [f"**{role}**, perf by shared object (all threads):", ""]
+            lines += _rst_table(["share", "object"],
+                                [[f"{pct:.1f} %", dso] for pct, dso in info["dsos"][:8]]) + [""]
     mongrel2 = found["targets"].get("mongrel2", {})
     if mongrel2.get("top"):
-        lines += ["**mongrel2** (perf, self time by symbol):", ""]
-        rows = [[f"{pct:.1f} %", dso, sym[:70]] for pct, dso, sym in mongrel2["top"]]
-        lines += _rst_table(["self", "object", "symbol"], rows) + [""]
+        lines += ["**mongrel2**, perf (self time by object and symbol):", ""]
+        rows = [[f"{pct:.1f} %", what[:80]] for pct, what in mongrel2["top"]]
+        lines += _rst_table(["self", "object and symbol"], rows) + [""]
     return lines
+
+
+#: The reading of the profiles (by a person: the numbers are regenerated on every
+#: run, this text is not), put into the document after them.
+FINDINGS = BENCH / "findings.rst"
 
 
 def _short(frame: str) -> str:
@@ -939,7 +1133,7 @@ def _is_boilerplate(frame: str) -> bool:
 
 def _contention(data: dict) -> str:
     """One sentence on the machine's other work during the load runs."""
-    other = [100 * r["cpu"].get("other", 0.0) / r["cpu_seconds"] for r in data["results"]]
+    other = [100 * r["cpu"].get("other", 0.0) / r["load_seconds"] for r in data["results"]]
     if not other:
         return "No load run."
     waited = [r.get("waited_for_quiet", 0.0) for r in data["results"]]
@@ -997,11 +1191,9 @@ def write_document(data: dict, doc: Path) -> None:
         lines += [f"All {len(checks)} targets hold.", ""]
     else:
         lines += [f"{len(held)} targets hold; the others were not measured in this run.", ""]
-    for failure in data.get("failures", []):
-        lines += [f"- **{SERVERS_BY_NAME[failure['server']].title} failed in round "
-                  f"{failure['round']}**: {failure['error']}"]
-    if data.get("failures"):
-        lines += [""]
+    if data.get("incidents"):
+        lines += ["Incidents during the run (each one is in the numbers below):", ""]
+        lines += [f"- {incident}" for incident in data["incidents"]] + [""]
     lines += ["Results", "-------", "", f".. image:: {png.name}", "   :width: 100%", "",
               "req/s is the median over rounds; *x sync* is the ratio to Gunicorn sync in "
               "the same run; p50/p99 are wrk's latency percentiles (medians over rounds). "
@@ -1020,22 +1212,35 @@ def write_document(data: dict, doc: Path) -> None:
         lines += scenario_table(table, scenario, servers) + [""]
     lines += ["Where the time goes", "-------------------", ""]
     lines += _profile_section(data.get("profile"))
+    if FINDINGS.exists():
+        lines += FINDINGS.read_text().rstrip("\n").splitlines() + [""]
     lines += ["Server command lines", "--------------------", ""]
     for server in servers:
-        launch = server.launch(8000, Path(tempfile.gettempdir())) \
-            if server.name != "m2-static" else Launch(["mongrel2", "RUN/config.sqlite", "UUID"])
-        if launch.cleanup:
-            launch.cleanup()
+        if server.note:
+            lines += [f"- {server.title}: {server.note}"]
+            continue
         argv = [a.replace(str(ROOT), ".").replace(str(BIN) + "/", ".venv/bin/")
-                .replace(sys.executable, ".venv/bin/python") for a in launch.argv]
+                .replace(sys.executable, ".venv/bin/python")
+                for a in server.launch(8000).argv]
         lines += [f"- {server.title}: ``{shlex.join(argv)}``"]
-    lines += ["", "The mongrel2 static ceiling runs mongrel2 on a config.sqlite written by "
-              "circus-wsgi's own generator (``Settings(static=...)``) with the files at "
-              "``/static/``.", ""]
+    if data.get("serve_args"):
+        lines += [f"- --serve-args, added to every circus-wsgi command: "
+                  f"``{shlex.join(data['serve_args'])}``"]
+    if data.get("mongrel2_settings"):
+        lines += ["- --mongrel2-setting values: " + ", ".join(
+            f"``{k}={v}``" for k, v in data["mongrel2_settings"].items())]
+    lines += [""]
     doc.write_text("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1053,17 +1258,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-wait", type=float, default=None,
                         help="before each load run, wait at most this many seconds for the "
                         "machine's other work to drop under a quarter of a core "
-                        "(default 30; quick 3; 0 to never wait)")
+                        "(default 10; quick 3; 0 to never wait)")
     parser.add_argument("--servers", help="comma-separated subset of: "
-                        + ", ".join(s.name for s in SERVERS))
+                        + ", ".join(s.name for s in SERVERS) + "; or variants for trying "
+                        "mongrel2 settings: " + ", ".join(s.name for s in EXTRA_SERVERS))
+    parser.add_argument("--mongrel2-setting", action="append", default=[], type=_key_value,
+                        metavar="KEY=VALUE", help="a mongrel2 setting for the *-config "
+                        "variants, e.g. disable.access_logging=1 (repeatable)")
     parser.add_argument("--scenarios", help="comma-separated subset of: "
                         + ", ".join(s.name for s in SCENARIOS))
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="profile circus-wsgi after the rounds: when a target is missed "
                         "(auto, the default), always, or never")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--profile-server", default="circus-t1",
+                        choices=[s.name for s in SERVERS + EXTRA_SERVERS
+                                 if s.group is _circus_group])
     parser.add_argument("--doc", type=Path, help="the document to write (default: "
                         "docs/benchmarks.rst for a full run, the results dir for --quick)")
+    parser.add_argument("--package-dir", type=Path, metavar="DIR",
+                        help="run circus-wsgi's processes with the circus_wsgi package found "
+                        "in DIR (e.g. an exported commit) instead of the checkout's")
+    parser.add_argument("--serve-args", default="", metavar="ARGS",
+                        help="more arguments for every circus-wsgi serve, e.g. "
+                        "--serve-args='--prefetch 1' (one shell-quoted string)")
     parser.add_argument("--report", type=Path, metavar="RESULTS.json",
                         help="only rewrite the document from an earlier run's results")
     args = parser.parse_args(argv)
@@ -1075,13 +1293,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {doc} and {doc.with_suffix('.png')}")
         return 0
 
+    SERVE_ARGS[:] = shlex.split(args.serve_args)
+    MONGREL2_SETTINGS.update(args.mongrel2_setting)
+    if args.package_dir:
+        PACKAGE_PATH[:] = [str(args.package_dir.resolve())]
+        sys.path[:0] = PACKAGE_PATH  # the configs this process writes come from there too
     for tool in ("wrk", "mongrel2"):
         if not shutil.which(tool):
             sys.exit(f"run.py: {tool} is not installed (apt-get install {tool})")
     rounds = args.rounds or (1 if args.quick else 3)
     duration = args.duration or (4.0 if args.quick else 8.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
-    quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 30.0)
+    quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 10.0)
     servers = [SERVERS_BY_NAME[n] for n in args.servers.split(",")] if args.servers \
         else list(SERVERS)
     names = args.scenarios.split(",") if args.scenarios else \
@@ -1099,17 +1322,18 @@ def main(argv: list[str] | None = None) -> int:
     data = {"command": command, "environment": environment(), "rounds": rounds,
             "duration": duration, "slow_duration": args.slow_duration, "warmup": warmup,
             "wrk_threads": args.wrk_threads, "quiet_wait": quiet_wait,
+            "mongrel2_settings": MONGREL2_SETTINGS, "serve_args": SERVE_ARGS,
             "servers": [s.name for s in servers],
-            "scenarios": [s.name for s in scenarios], "results": [], "failures": [],
+            "scenarios": [s.name for s in scenarios], "results": [], "incidents": [],
             "profile": None}
     data["results"] = run_rounds(servers, scenarios, rounds, duration, args.slow_duration,
                                  warmup, args.wrk_threads, quiet_wait, out,
-                                 data["failures"])
+                                 data["incidents"])
     checks = targets(summarize(data["results"]))
     missed = any(t.state == "MISSED" for t in checks)
     if args.profile == "always" or (args.profile == "auto" and missed and not args.quick):
         print(f"profiling circus-wsgi for {args.profile_seconds:g} s ...", flush=True)
-        data["profile"] = profile(SERVERS_BY_NAME["circus-t1"], args.profile_seconds,
+        data["profile"] = profile(SERVERS_BY_NAME[args.profile_server], args.profile_seconds,
                                   args.wrk_threads, out)
     (out / "results.json").write_text(json.dumps(data, indent=1))
     doc = args.doc or (out / "benchmarks.rst" if args.quick else ROOT / "docs" / "benchmarks.rst")
