@@ -388,7 +388,7 @@ class Running:
             self._dump_stacks(alive)
         for proc in alive:
             with contextlib.suppress(psutil.Error):
-                self.leftovers.append(" ".join(proc.cmdline())[:120])
+                self.leftovers.append(" ".join(proc.cmdline())[:120] or f"pid {proc.pid}")
                 proc.kill()
         psutil.wait_procs(alive, timeout=5)
         if self.process.poll() is None:
@@ -432,9 +432,11 @@ def running(server: Server, logs: Path, incidents: list[str] | None = None
     finally:
         instance.stop()
         if instance.leftovers:
-            note = (f"{server.title}: not stopped {STOP_TIMEOUT:.0f} s after SIGTERM; killed "
-                    + "; ".join(instance.leftovers))
-            print(f"  ! {note}", flush=True)
+            stacks = [item for item in instance.leftovers if item.startswith("stacks in ")]
+            killed = len(instance.leftovers) - len(stacks)
+            note = (f"{server.title}: not stopped {STOP_TIMEOUT:.0f} s after SIGTERM; "
+                    f"{killed} processes killed; " + "; ".join(stacks))
+            print(f"  ! {note}: " + "; ".join(instance.leftovers), flush=True)
             if incidents is not None:
                 incidents.append(note)
 
@@ -611,7 +613,8 @@ def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, du
                             incidents.append(
                                 f"{server.title}, round {number}, {scenario.title}: worker "
                                 f"process(es) {', '.join(result['idle_workers'])} used under a "
-                                "tenth of the busiest worker's CPU (stuck?)")
+                                "tenth of the busiest worker's CPU (work not shared: stuck, "
+                                "or the other held every connection)")
                         print(f"round {number} {server.name:16} {scenario.name:12} "
                               f"{result['rps']:9.0f} req/s  p50 {result['p50_ms']:7.2f} ms  "
                               f"p99 {result['p99_ms']:8.2f} ms  errors {result['errors']}"
@@ -626,7 +629,9 @@ def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, du
 
 
 def _idle_workers(per_process: dict[str, tuple[str, float]], scenario: Scenario) -> list[str]:
-    """Worker processes that did (almost) nothing while the others were saturated: stuck."""
+    """Worker processes that did (almost) nothing while another was saturated: stuck, or
+    left without connections (a kernel accept queue may hand every keep-alive connection
+    to one Gunicorn worker)."""
     workers = {pid: used for pid, (role, used) in per_process.items() if role == "workers"}
     if scenario.client != "wrk" or len(workers) < 2:
         return []
@@ -814,8 +819,11 @@ def summarize(results: list[dict]) -> dict[str, dict[str, dict]]:
     for result in results:
         cell = table.setdefault(result["server"], {}).setdefault(result["scenario"], {
             "rps": [], "p50_ms": [], "p99_ms": [], "errors": 0, "resets": 0, "rounds": 0,
-            "cpu_pct": {role: [] for role in ROLES}, "cpu_us_per_req": {r: [] for r in ROLES}})
+            "cpu_pct": {role: [] for role in ROLES}, "cpu_us_per_req": {r: [] for r in ROLES},
+            "balanced": []})
         cell["rounds"] += 1
+        if not result.get("idle_workers"):
+            cell["balanced"].append(result["rps"])
         cell["errors"] += result["errors"]
         cell["resets"] += result.get("resets", 0)
         for key in ("rps", "p50_ms", "p99_ms"):
@@ -826,6 +834,10 @@ def summarize(results: list[dict]) -> dict[str, dict[str, dict]]:
             cell["cpu_us_per_req"][role].append(1e6 * seconds / max(1, result["requests"]))
     for cells in table.values():
         for cell in cells.values():
+            cell["imbalanced"] = cell["rounds"] - len(cell["balanced"])
+            # req/s over the rounds in which every worker process worked (None: no such
+            # round): what a comparison with this server as the reference uses.
+            cell["balanced"] = statistics.median(cell["balanced"]) if cell["balanced"] else None
             for key in ("rps", "p50_ms", "p99_ms"):
                 cell[key] = statistics.median(cell[key])
             for key in ("cpu_pct", "cpu_us_per_req"):
@@ -858,11 +870,16 @@ class Target:
 
 
 def _ratio(table: dict, server: str, other: str, scenario: str, key: str = "rps"):
+    """``server``'s measure over ``other``'s. Against req/s, ``other`` counts only its
+    rounds in which all its worker processes worked, when it had such rounds: a
+    reference with an idle worker would flatter the comparison."""
     a = table.get(server, {}).get(scenario)
     b = table.get(other, {}).get(scenario)
     if not a or not b or not b[key]:
         return None
-    return a[key] / b[key]
+    reference = b["balanced"] if key == "rps" and b.get("imbalanced") and b["balanced"] \
+        else b[key]
+    return a[key] / reference
 
 
 def targets(table: dict, server: str = "circus-t1") -> list[Target]:
@@ -932,10 +949,12 @@ def environment() -> dict:
         "python": platform.python_version(),
         "versions": {
             "circus-wsgi": f"{_dist_version('circus-wsgi')} (git {commit}"
-                           f"{', with uncommitted changes' if dirty else ''})",
+                           f"{', with uncommitted changes' if dirty else ''}"
+                           f"{', package from ' + PACKAGE_PATH[0] if PACKAGE_PATH else ''})",
             "mongrel2": dpkg("mongrel2-core"), "wrk": dpkg("wrk"),
-            "circus": _dist_version("circus"), "pyzmq": zmq.pyzmq_version(),
-            "libzmq": zmq.zmq_version(), "tnetstring3": _dist_version("tnetstring3"),
+            "libzmq5 (mongrel2's)": dpkg("libzmq5"), "circus": _dist_version("circus"),
+            "pyzmq": zmq.pyzmq_version(), "libzmq (pyzmq's)": zmq.zmq_version(),
+            "tnetstring3": _dist_version("tnetstring3"),
             "gunicorn": _dist_version("gunicorn"), "granian": _dist_version("granian"),
             "waitress": _dist_version("waitress"), "py-spy": _dist_version("py-spy"),
         },
@@ -999,12 +1018,21 @@ def scenario_table(table: dict, scenario: Scenario, servers: list[Server]) -> li
                          _fmt(cell["p99_ms"], 2), _fmt(ratio, 2), str(cell["errors"]),
                          _cpu_cell(cell, server), _cpu_legend(server)])
         else:
-            ratio = cell["rps"] / ref["rps"] if ref and ref["rps"] else None
+            ratio = _ratio(table, server.name, REFERENCE, scenario.name)
             rows.append([server.title, _fmt(cell["rps"]), _fmt(ratio, 2), _fmt(cell["p50_ms"], 2),
                          _fmt(cell["p99_ms"], 2), str(cell["errors"]) + _resets(cell["resets"]),
                          _cpu_cell(cell, server), _cpu_legend(server),
                          _fmt(us, 1) if server.python_side else "-"])
-    return _rst_table(header, rows)
+    lines = _rst_table(header, rows)
+    for server in servers:
+        cell = table.get(server.name, {}).get(scenario.name)
+        if cell and cell.get("imbalanced"):
+            lines += ["", f"{server.title}: in {cell['imbalanced']} of {cell['rounds']} "
+                      "rounds one worker process did almost nothing (under a tenth of the "
+                      "busiest one's CPU)"
+                      + (f"; over its other rounds it made {_fmt(cell['balanced'])} req/s, "
+                         "which ratios against it use." if cell["balanced"] else ".")]
+    return lines
 
 
 def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Path) -> None:
@@ -1219,8 +1247,8 @@ def write_document(data: dict, doc: Path) -> None:
         if server.note:
             lines += [f"- {server.title}: {server.note}"]
             continue
-        argv = [a.replace(str(ROOT), ".").replace(str(BIN) + "/", ".venv/bin/")
-                .replace(sys.executable, ".venv/bin/python")
+        argv = [a.replace(sys.executable, ".venv/bin/python")
+                .replace(str(BIN) + "/", ".venv/bin/").replace(str(ROOT), ".")
                 for a in server.launch(8000).argv]
         lines += [f"- {server.title}: ``{shlex.join(argv)}``"]
     if data.get("serve_args"):
