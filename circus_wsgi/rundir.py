@@ -63,7 +63,8 @@ class RunDir:
 
     @property
     def mongrel2_access_log(self) -> Path:
-        """mongrel2's own access log (it records 200 for every handler route)."""
+        """mongrel2's own access log: named because its config needs one, but turned off
+        (it records 200 for every handler route; the workers write the true one)."""
         return self.path / "mongrel2-access.log"
 
     @property

@@ -133,7 +133,8 @@ def test_database_says_what_the_settings_say(generated: tuple[Settings, Path, Pa
         ("/files/", 0, "localhost", files, "index.html", "application/octet-stream", 0),
         ("/static/", 0, "localhost", static, "index.html", "application/octet-stream", 0)]
     assert dict(said["setting"]) == {
-        "server.daemonize": "0", "limits.content_length": "4096",
+        "server.daemonize": "0", "disable.access_logging": "1",
+        "limits.content_length": "4096",
         "limits.buffer_size": "16384", "limits.min_ping": "120",
         "download.flow_control": "1", "upload.temp_store": str(run.uploads / "upload.XXXXXX"),
         "upload.temp_store_mode": "0600", "control_port": run.mongrel2_control}
