@@ -394,10 +394,21 @@ class Running:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+        if alive:
+            self._remove_run_dirs()
         self.log.close()
         if self.launch.cleanup:
             self.launch.cleanup()
 
+
+    def _remove_run_dirs(self) -> None:
+        """A killed ``serve`` cannot remove the run dir it made (/tmp/cw-*): do it."""
+        for proc in self.seen.values():
+            with contextlib.suppress(psutil.Error, ValueError):
+                argv = proc.cmdline()
+                run_dir = Path(argv[argv.index("--run-dir") + 1])
+                if run_dir.parent == Path("/tmp") and run_dir.name.startswith("cw-"):
+                    shutil.rmtree(run_dir, ignore_errors=True)
 
     def _dump_stacks(self, procs: list[psutil.Process]) -> None:
         """Before killing what did not stop: every Python process's threads (py-spy dump),
