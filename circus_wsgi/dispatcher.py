@@ -333,8 +333,16 @@ class Dispatcher:
     # ------------------------------------------------------ from workers
 
     def _on_worker(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
-        command = frames[1].bytes
+        """One worker message; a malformed one is logged and counted, never fatal."""
+        try:
+            self._on_worker_command(frames[0].bytes, frames[1].bytes, frames)
+        except (IndexError, ValueError) as error:
+            self.counters.malformed += 1
+            log.warning("malformed message from a worker (%s): %r", error,
+                        [f.bytes[:40] for f in frames[:4]])
+
+    def _on_worker_command(self, identity: bytes, command: bytes,
+                           frames: list[zmq.Frame]) -> None:
         if command == dp.DONE or command == dp.REPLY:
             for frame in frames[3:]:
                 self.responses.send(frame, copy=False)

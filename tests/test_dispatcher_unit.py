@@ -409,3 +409,17 @@ def test_a_returned_request_goes_to_the_next_worker_first(stack):
     mongrel2.receive()
     mongrel2.send(request_bytes(5))
     assert slow.take() == b"5"
+
+
+def test_a_malformed_worker_message_is_counted_and_changes_nothing(stack):
+    mongrel2, worker, process, settings, _ = stack
+    broken = WorkerPeer.__new__(WorkerPeer)
+    broken.sock = zmq.Context.instance().socket(zmq.DEALER)
+    broken.sock.connect(RunDir(Path(settings.run_dir)).dispatcher)
+    broken.sock.send_multipart([dp.READY, b"not-a-pid"])
+    broken.sock.send_multipart([dp.DONE])
+    good = worker()
+    mongrel2.send(request_bytes(1))
+    assert good.take() == b"1" and process.poll() is None
+    assert read_status(settings)["malformed"] == 2
+    broken.sock.close(linger=0)
