@@ -10,7 +10,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-import zmq
 
 
 @dataclass(slots=True)
@@ -19,7 +18,7 @@ class Pending:
 
     conn_id: bytes
     sender: bytes
-    frame: zmq.Frame  # the request as mongrel2 sent it, forwarded without a copy
+    raw: bytes  # the request as mongrel2 sent it
     arrived: float
     upload_path: bytes | None = None
     cancelled: bool = False  # its client went away while it waited
@@ -44,7 +43,8 @@ class WorkerState:
     threads: int = 1
     free: int = 0  # idle threads not yet given a request: one entry each in the slots
     held: set = field(default_factory=set)
-    returned: bool = False  # gave requests back: no prefetch until its next DONE
+    returned: bool = False  # gave requests back: no prefetch until it finishes one
+    progress: float = 0.0  # when it last finished a request or, idle, was given one
     leaving: bool = False  # said LEAVING: takes nothing new
     doomed: bool = False  # killed for a stuck request: takes nothing new
     exited: float | None = None  # when its process was seen to exit

@@ -20,7 +20,6 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
@@ -38,6 +37,9 @@ log = logging.getLogger("circus_wsgi.dispatcher")
 
 #: Messages taken from one socket per poll wake-up before looking at the others.
 BATCH = 256
+#: A worker holding requests that has finished none for this long (seconds) is busy
+#: with a slow one: it gets no prefetched request until it finishes something.
+STALLED_WORKER = 0.005
 #: How a credits notice ends: mongrel2 sends one after each response it writes.
 CREDITS_BODY = b'18:{"type":"credits"},'
 #: How often queue and request deadlines are checked, in seconds.
@@ -66,6 +68,7 @@ class Dispatcher:
         self.queue: deque[Pending] = deque()
         self.behind: dict[bytes, deque[Pending]] = {}  # pipelined, behind an in-flight request
         self.in_flight: dict[bytes, InFlight] = {}
+        self.batches: dict[bytes, list[Pending]] = {}  # handed over, sent at the loop's turn
         self.uploads: dict[bytes, bytes] = {}  # conn_id -> temp file still being uploaded
         self.refused: dict[bytes, float] = {}  # conn_id -> until when its requests are dropped
         self.counters = Counters()
@@ -113,11 +116,11 @@ class Dispatcher:
             wait = max(0.0, min(next_tick, next_beat) - now)
             for sock, _ in self.poller.poll(wait * 1000):
                 if sock is self.requests:
-                    self._drain(self.requests, self._on_mongrel2)
+                    self._drain_requests()
                 elif sock is self.responses:
                     self._on_subscription()
                 elif sock is self.workers_socket:
-                    self._drain(self.workers_socket, self._on_worker)
+                    self._drain_workers()
                 elif sock is self.status_socket:
                     self._answer_status()
                 elif sock == wake_r:
@@ -125,6 +128,8 @@ class Dispatcher:
                 else:
                     self._on_worker_exit(sock)
             now = time.monotonic()
+            self._dispatch(now)
+            self._send_batches()
             if now >= next_tick:
                 self._expire(now)
                 next_tick = now + TICK
@@ -150,22 +155,32 @@ class Dispatcher:
                 self.poller.register(self.workers_socket, zmq.POLLIN)
                 log.info("mongrel2 connected")
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:
-        """Handle up to :data:`BATCH` waiting messages (asking EVENTS costs less than
-        the exception a non-blocking recv raises when nothing is left)."""
-        for _ in range(BATCH):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
-            handle(sock.recv_multipart(copy=False))
+    def _drain_requests(self) -> None:
+        """Handle up to :data:`BATCH` messages from mongrel2 (one per frame, copied:
+        cheaper than a zero-copy frame at a few hundred bytes)."""
+        recv, handle = self.requests.recv, self._on_mongrel2
+        try:
+            for _ in range(BATCH):
+                handle(recv(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+
+    def _drain_workers(self) -> None:
+        """Handle up to :data:`BATCH` messages from the workers."""
+        recv, handle = self.workers_socket.recv_multipart, self._on_worker
+        try:
+            for _ in range(BATCH):
+                handle(recv(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
 
     # ---------------------------------------------------- from mongrel2
 
-    def _on_mongrel2(self, frames: list[zmq.Frame]) -> None:
-        raw = frames[0].bytes
+    def _on_mongrel2(self, raw: bytes) -> None:
         if raw.endswith(CREDITS_BODY):  # after every response: route it without parsing
             _, conn, path, _ = raw.split(b" ", 3)
             if path == b"@*":  # mongrel2's own: no route of a client's request matches @*
-                self._notify_holder(conn, frames[0])
+                self._notify_holder(conn, raw)
                 return
         try:
             message = parse(raw)
@@ -174,17 +189,16 @@ class Dispatcher:
             log.warning("malformed message from mongrel2 (%s): %r", error, raw[:120])
             return
         kind = message.kind
-        conn = message.conn_id
         if kind is Kind.REQUEST:
-            self._on_request(message, frames[0], None)
+            self._on_request(message, raw, None)
         elif kind is Kind.UPLOAD_DONE:
-            self._on_upload_done(message, frames[0])
+            self._on_upload_done(message, raw)
         elif kind is Kind.DISCONNECT:
-            self._on_disconnect(message, frames[0])
+            self._on_disconnect(message, raw)
         elif kind is Kind.UPLOAD_START:
             self._on_upload_start(message)
         else:  # a credits notice in another layout than mongrel2 1.12's
-            self._notify_holder(conn, frames[0])
+            self._notify_holder(message.conn_id, raw)
 
     def _on_upload_start(self, message: Message) -> None:
         """The body is arriving in a temp file; the request waits for upload-done.
@@ -201,7 +215,7 @@ class Dispatcher:
         else:
             self.uploads[message.conn_id] = path
 
-    def _on_upload_done(self, message: Message, frame: zmq.Frame) -> None:
+    def _on_upload_done(self, message: Message, raw: bytes) -> None:
         expected = self.uploads.pop(message.conn_id, None)
         if message.conn_id in self.refused:
             return
@@ -209,7 +223,7 @@ class Dispatcher:
             self._remove_file(expected)
             self._reject(message, 400, "forged upload header")
         else:
-            self._on_request(message, frame, expected)
+            self._on_request(message, raw, expected)
 
     def _spooled(self, message: Message) -> bool:
         """True when mongrel2 puts this request's body in a temp file, not inline."""
@@ -222,21 +236,22 @@ class Dispatcher:
         return isinstance(path, bytes) and os.path.dirname(os.path.normpath(path)) == \
             self.upload_dir
 
-    def _on_request(self, message: Message, frame: zmq.Frame, upload: bytes | None) -> None:
+    def _on_request(self, message: Message, raw: bytes, upload: bytes | None) -> None:
         """Queue a request (``upload``: its body's temp file, checked to be genuine)."""
         conn = message.conn_id
         if conn in self.refused or self._refuse(message):
             self._remove_file(upload)
             return
-        pending = Pending(conn, message.sender, frame, time.monotonic(), upload)
+        pending = Pending(conn, message.sender, raw, time.monotonic(), upload)
         if conn in self.in_flight or conn in self.behind:
             self.behind.setdefault(conn, deque()).append(pending)  # keep pipelined order
             return
         if len(self.queue) >= self.settings.max_queue:
-            self._answer(pending, 503, "queue full", retry_after=True)
-            return
+            self._dispatch(pending.arrived)  # those arrived at this wake-up may have slots
+            if len(self.queue) >= self.settings.max_queue:
+                self._answer(pending, 503, "queue full", retry_after=True)
+                return
         self.queue.append(pending)
-        self._dispatch()
 
     def _refuse(self, message: Message) -> bool:
         """Answer 400 or 413 for a request that must not reach the app; True if refused."""
@@ -260,7 +275,7 @@ class Dispatcher:
         return bool(limit) and isinstance(length, bytes) and length.isdigit() \
             and int(length) > limit
 
-    def _on_disconnect(self, message: Message, frame: zmq.Frame) -> None:
+    def _on_disconnect(self, message: Message, raw: bytes) -> None:
         conn = message.conn_id
         self._remove_file(self.uploads.pop(conn, None))
         self.refused.pop(conn, None)
@@ -269,22 +284,25 @@ class Dispatcher:
         for pending in self.queue:
             if pending.conn_id == conn:
                 pending.cancelled = True
-        self._notify_holder(conn, frame)
+        self._notify_holder(conn, raw)
 
-    def _notify_holder(self, conn: bytes, frame: zmq.Frame) -> None:
+    def _notify_holder(self, conn: bytes, raw: bytes) -> None:
         flight = self.in_flight.get(conn)
         if flight is not None:
-            self._send_worker(flight.worker, dp.NOTICE, frame)
+            self._send_worker(flight.worker, (dp.NOTICE, raw))
 
     # ------------------------------------------------------ dispatching
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, now: float) -> None:
         """Hand queued requests to idle threads, oldest request to least recently freed
         slot; while every thread is busy, prefetch to the worker holding the fewest."""
         queue, slots, workers = self.queue, self.slots, self.workers
         while queue:
             pending = queue.popleft()
             if pending.cancelled:
+                continue
+            if pending.conn_id in self.in_flight:  # pipelined behind one handed over just now
+                self.behind.setdefault(pending.conn_id, deque()).append(pending)
                 continue
             while slots:
                 identity = slots.popleft()
@@ -293,80 +311,105 @@ class Dispatcher:
                     worker.free -= 1
                     break
             else:
-                identity = self._prefetch_target()
+                identity = self._prefetch_target(now)
                 if identity is None:
                     queue.appendleft(pending)
                     return
-            self._hand_over(identity, pending)
+                worker = workers[identity]
+            worker.dispatched += 1
+            if not worker.held:
+                worker.progress = now  # busy from now
+            worker.held.add(pending.conn_id)
+            self.in_flight[pending.conn_id] = InFlight(identity, pending, now)
+            self.batches.setdefault(identity, []).append(pending)
 
-    def _prefetch_target(self) -> bytes | None:
-        """The worker with room beyond its threads that holds the fewest requests."""
+    def _prefetch_target(self, now: float) -> bytes | None:
+        """The worker with room beyond its threads that holds the fewest requests,
+        leaving out those that have finished nothing for :data:`STALLED_WORKER`."""
         best, fewest = None, None
+        stalled = now - STALLED_WORKER
         for identity, worker in self.workers.items():
             held = len(worker.held)
             if worker.returned or worker.retired or \
-                    held >= worker.threads + self.settings.prefetch:
+                    held >= worker.threads + self.settings.prefetch or \
+                    worker.progress < stalled:
                 continue
             if fewest is None or held < fewest:
                 best, fewest = identity, held
         return best
 
-    def _hand_over(self, identity: bytes, pending: Pending) -> None:
-        if self._send_worker(identity, dp.REQUEST, pending.frame):
-            worker = self.workers[identity]
-            worker.dispatched += 1
-            worker.held.add(pending.conn_id)
-            self.in_flight[pending.conn_id] = InFlight(identity, pending, time.monotonic())
-        else:
+    def _send_batches(self) -> None:
+        """Send each worker the requests handed to it at this turn, in one message."""
+        batches, self.batches = self.batches, {}
+        for identity, batch in batches.items():
+            self._send_worker(identity, (dp.REQUEST, *[p.raw for p in batch]), batch)
+
+    def _take_back(self, identity: bytes, batch: list[Pending]) -> None:
+        """Requests that never reached their worker go back to the head of the queue."""
+        worker = self.workers.get(identity)
+        for pending in reversed(batch):
+            self.in_flight.pop(pending.conn_id, None)
+            if worker is not None:
+                worker.held.discard(pending.conn_id)
             self.queue.appendleft(pending)
 
-    def _send_worker(self, identity: bytes, command: bytes, *frames: object) -> bool:
+    def _send_worker(self, identity: bytes, frames: tuple[bytes, ...],
+                     batch: list[Pending] | None = None) -> None:
+        """Send to one worker; if it is gone, ``batch`` (the requests being sent) goes
+        back to the queue and what it held gets 502."""
         try:
-            self.workers_socket.send_multipart((identity, command, *frames), copy=False)
-            return True
+            dp.send_frames(self.workers_socket, (identity, *frames))
         except zmq.ZMQError as error:  # EHOSTUNREACH: that worker is gone
+            if batch:
+                self._take_back(identity, batch)
             if identity in self.workers:
                 log.warning("worker %s unreachable (%s)", self.workers[identity].pid, error)
                 self._worker_gone(identity, "worker unreachable")
-            return False
 
     # ------------------------------------------------------ from workers
 
-    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+    def _on_worker(self, frames: list[bytes]) -> None:
         """One worker message; a malformed one is logged and counted, never fatal."""
         try:
-            self._on_worker_command(frames[0].bytes, frames[1].bytes, frames)
+            self._on_worker_command(frames[0], frames[1], frames)
         except (IndexError, ValueError) as error:
             self.counters.malformed += 1
             log.warning("malformed message from a worker (%s): %r", error,
-                        [f.bytes[:40] for f in frames[:4]])
+                        [f[:40] for f in frames[:4]])
 
-    def _on_worker_command(self, identity: bytes, command: bytes,
-                           frames: list[zmq.Frame]) -> None:
-        if command == dp.DONE or command == dp.REPLY:
-            for frame in frames[3:]:
-                self.responses.send(frame, copy=False)
-            conn = frames[2].bytes
-            if command == dp.DONE:
-                self._on_done(identity, conn)
-            else:
-                flight = self.in_flight.get(conn)
-                if flight is not None:
-                    flight.started = True
+    def _on_worker_command(self, identity: bytes, command: bytes, frames: list[bytes]) -> None:
+        if command == dp.OUTPUT:
+            self._on_output(identity, frames[2].split(), frames[3].split(), frames[4:])
         elif command == dp.READY:
-            self._on_ready(identity, int(frames[2].bytes), int(frames[3].bytes),
-                           int(frames[4].bytes))
+            self._on_ready(identity, int(frames[2]), int(frames[3]), int(frames[4]))
         elif command == dp.RETURN:
-            self._on_return(identity, frames[2].bytes)
+            self._on_return(identity, frames[2:])
         elif command == dp.LEAVING:
             worker = self.workers.get(identity)
             if worker is not None:
                 worker.leaving = True
                 log.info("worker %d leaving with %d requests", worker.pid, len(worker.held))
-            self._send_worker(identity, dp.BYE)
+            self._send_worker(identity, (dp.BYE,))
         else:
             self.counters.malformed += 1
             log.warning("unknown command %r from a worker", command)
+
+    def _on_output(self, identity: bytes, done: list[bytes], started: list[bytes],
+                   messages: list[bytes]) -> None:
+        send = self.responses.send
+        for message in messages:
+            send(message)
+        for conn in started:
+            flight = self.in_flight.get(conn)
+            if flight is not None:
+                flight.started = True
+        worker = self.workers.get(identity)
+        if worker is None:
+            return
+        if done:
+            worker.progress = time.monotonic()
+        for conn in done:
+            self._on_done(identity, worker, conn)
 
     def _on_ready(self, identity: bytes, pid: int, free: int, threads: int) -> None:
         worker = self.workers.get(identity)
@@ -377,8 +420,8 @@ class Dispatcher:
         worker.leaving = False
         worker.threads = threads
         worker.free = free
+        worker.progress = time.monotonic()
         self._rebuild_slots()
-        self._dispatch()
 
     def _watch(self, pid: int, identity: bytes) -> int | None:
         """A pidfd that becomes readable when the worker exits (None if not visible here)."""
@@ -390,34 +433,32 @@ class Dispatcher:
         self.poller.register(pidfd, zmq.POLLIN)
         return pidfd
 
-    def _on_done(self, identity: bytes, conn: bytes) -> None:
-        worker = self.workers.get(identity)
+    def _on_done(self, identity: bytes, worker: WorkerState, conn: bytes) -> None:
         flight = self.in_flight.get(conn)
         if flight is not None and flight.worker == identity:
             del self.in_flight[conn]
             self.counters.completed += 1
-            if worker is not None:
-                worker.held.discard(conn)
-                worker.completed += 1
+            worker.held.discard(conn)
+            worker.completed += 1
             self._release_behind(conn)
-        if worker is not None:
-            worker.returned = False
-            if not worker.retired and worker.free < worker.threads - len(worker.held):
-                worker.free += 1
-                self.slots.append(identity)
-        self._dispatch()
+        worker.returned = False
+        if not worker.retired and worker.free < worker.threads - len(worker.held):
+            worker.free += 1
+            self.slots.append(identity)
 
-    def _on_return(self, identity: bytes, conn: bytes) -> None:
-        """A request the worker held unstarted goes back to the head of the queue."""
-        flight = self.in_flight.get(conn)
+    def _on_return(self, identity: bytes, conns: list[bytes]) -> None:
+        """Requests the worker held unstarted go back to the head of the queue, in order."""
         worker = self.workers.get(identity)
-        if flight is None or flight.worker != identity or worker is None:
+        if worker is None:
             return
-        del self.in_flight[conn]
-        worker.held.discard(conn)
-        worker.returned = True
-        self.queue.appendleft(flight.pending)
-        self._dispatch()
+        for conn in reversed(conns):
+            flight = self.in_flight.get(conn)
+            if flight is None or flight.worker != identity:
+                continue
+            del self.in_flight[conn]
+            worker.held.discard(conn)
+            worker.returned = True
+            self.queue.appendleft(flight.pending)
 
     def _release_behind(self, conn: bytes) -> None:
         """The next pipelined request of a connection goes to the head of the queue."""
@@ -465,7 +506,6 @@ class Dispatcher:
         if held or reason != "worker exited":
             log.warning("%s: worker %d, %d requests answered", reason, worker.pid, held)
         self._rebuild_slots()
-        self._dispatch()
 
     def _rebuild_slots(self) -> None:
         """One slot entry per free slot of each worker that takes work, keeping LRU order."""
@@ -518,7 +558,7 @@ class Dispatcher:
 
     def _heartbeat(self) -> None:
         for identity in list(self.workers):
-            self._send_worker(identity, dp.HEARTBEAT)
+            self._send_worker(identity, (dp.HEARTBEAT,))
 
     # ------------------------------------------------------ answering
 
@@ -558,7 +598,8 @@ class Dispatcher:
         log.info("dispatcher stopping: %d queued, %d in flight", len(self.queue),
                  len(self.in_flight))
         if self.mongrel2_listens:
-            self._drain(self.requests, self._on_mongrel2)  # closing drops what is unread
+            while self.requests.poll(0):  # closing drops what is unread
+                self._drain_requests()
             self.poller.unregister(self.requests)
         self.requests.close(linger=0)
         return now + min(self.settings.graceful_timeout, 10.0)

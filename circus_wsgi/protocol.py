@@ -18,8 +18,8 @@ from typing import Iterable, Union
 
 import tnetstring
 
-__all__ = ["Kind", "Message", "ProtocolError", "parse", "response", "close", "is_smuggling_risk",
-           "upload_file", "MAX_TARGETS"]
+__all__ = ["Kind", "Message", "ProtocolError", "parse", "response", "close", "keep_alive",
+           "is_smuggling_risk", "upload_file", "MAX_TARGETS"]
 
 #: mongrel2's limits.handler_targets: ids one response message may address.
 MAX_TARGETS = 128
@@ -189,6 +189,19 @@ def response(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]], body: bytes
 def close(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]]) -> bytes:
     """The message that makes mongrel2 close the connections."""
     return response(sender, conn_ids, b"")
+
+
+#: An extended message's body: ``["ctl", {"keep-alive": true}]`` as a tnetstring.
+KEEP_ALIVE = b"31:3:ctl,21:10:keep-alive,4:true!}]"
+
+
+def keep_alive(sender: bytes, conn_id: bytes) -> bytes:
+    """A control message that writes nothing: for a live connection mongrel2 only resets
+    its idle timer; for one that is gone it answers with a disconnect notice. (mongrel2
+    closes a connection it cannot write to without telling the handler, so this is how
+    a handler waiting for credits finds out.)"""
+    ids = b"X " + conn_id
+    return b"%s %d:%s, %s" % (sender, len(ids), ids, KEEP_ALIVE)
 
 
 def is_smuggling_risk(message: Message) -> bool:

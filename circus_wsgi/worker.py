@@ -69,10 +69,16 @@ log = logging.getLogger("circus_wsgi.worker")
 WINDOW = 100 * 1024
 #: A client that takes no byte of its response for this long is given up.
 STALLED = 60.0
+#: Waiting this long for credits, a response asks mongrel2 whether its connection still
+#: exists (:func:`protocol.keep_alive`), and again as often while it waits.
+PROBE_AFTER = 1.0
 #: The loop wakes up at least this often (seconds) to look at its timers.
 TICK = 0.25
 #: Frames taken from the socket per wake-up before the timers are looked at.
 BATCH = 64
+#: Inline, responses kept for one OUTPUT go out at once when a request has run this
+#: long (seconds), so a slow request does not hold back those finished before it.
+FLUSH_AFTER = 0.001
 #: After a refusal for request smuggling, what follows on that connection is dropped this long.
 REFUSED_FOR = 2.0
 
@@ -99,7 +105,7 @@ class Outbox:
     """
 
     __slots__ = ("sender", "conn_id", "pacer", "gone", "started", "notices", "_deliver",
-                 "_wait", "_seen", "_stall")
+                 "_wait", "_waiting", "_probe")
 
     def __init__(self, message: Message, pacer: Pacer, deliver: Callable, wait: Callable,
                  threaded: bool) -> None:
@@ -108,7 +114,7 @@ class Outbox:
         self.started = False  # some of the response went out before finish()
         self.notices: Optional[queue.SimpleQueue] = queue.SimpleQueue() if threaded else None
         self._deliver, self._wait = deliver, wait
-        self._seen, self._stall = -1, 0.0
+        self._waiting = self._probe = 0.0  # since when it waits for credits (0: it does not)
 
     def notice(self, message: Message) -> None:
         """A disconnect or credits notice for this connection (loop thread)."""
@@ -135,6 +141,7 @@ class Outbox:
             self.gone = True
         else:
             self.pacer.granted(message.credits)
+            self._waiting = 0.0
 
     def write(self, data: bytes) -> None:
         """Send ``data`` as the pacing allows; wait while too much is held."""
@@ -186,14 +193,17 @@ class Outbox:
         now = time.monotonic()
         pause = self.pacer.wait_time(now)
         if pause is None:
-            if self.pacer.credit != self._seen:
-                self._seen, self._stall = self.pacer.credit, now + STALLED
-            elif now >= self._stall:
+            if not self._waiting:
+                self._waiting, self._probe = now, now + PROBE_AFTER
+            if now - self._waiting >= STALLED:
                 log.warning("connection %s took no bytes for %.0fs: closing it",
                             self.conn_id.decode(), STALLED)
                 self.gone = True
                 self._deliver(self, [protocol.close(self.sender, self.conn_id)], False)
-            pause = self._stall - now
+            elif now >= self._probe:  # gone without a word? mongrel2 answers a disconnect
+                self._probe = now + PROBE_AFTER
+                self._deliver(self, [protocol.keep_alive(self.sender, self.conn_id)], False)
+            pause = min(self._waiting + STALLED, self._probe) - now
         self._wait(self, pause)
         self.absorb()
         if self.gone:
@@ -205,7 +215,12 @@ class Outbox:
 
 
 class DispatcherLink:
-    """A DEALER to the dispatcher's ROUTER, speaking :mod:`dispatch_protocol`."""
+    """A DEALER to the dispatcher's ROUTER, speaking :mod:`dispatch_protocol`.
+
+    Responses are kept until :meth:`flush`, which sends them in one OUTPUT
+    message: the worker flushes when it runs out of work, before it waits, and
+    after (or :data:`FLUSH_AFTER` into) a request that takes long.
+    """
 
     direct = False
 
@@ -216,6 +231,9 @@ class DispatcherLink:
         self.socket.connect(endpoint)
         self.pid = b"%d" % os.getpid()
         self.threads = b"%d" % threads
+        self.messages: list[bytes] = []
+        self.done: list[bytes] = []
+        self.started: list[bytes] = []
 
     def start(self, stopped: Callable[[], bool]) -> bool:
         return True
@@ -227,12 +245,20 @@ class DispatcherLink:
         self.socket.send(dp.LEAVING)
         return []
 
-    def give_back(self, conn_id: bytes) -> None:
-        self.socket.send_multipart([dp.RETURN, conn_id])
+    def give_back(self, conn_ids: list[bytes]) -> None:
+        if conn_ids:
+            dp.send_frames(self.socket, (dp.RETURN, *conn_ids))
 
     def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
-        self.socket.send_multipart([dp.DONE if done else dp.REPLY, conn_id, *messages],
-                                   copy=False)
+        self.messages += messages
+        (self.done if done else self.started).append(conn_id)
+
+    def flush(self) -> None:
+        """Send what :meth:`send` kept, as one OUTPUT message."""
+        if self.done or self.started:
+            frames = (dp.OUTPUT, b" ".join(self.done), b" ".join(self.started), *self.messages)
+            self.messages, self.done, self.started = [], [], []
+            dp.send_frames(self.socket, frames)
 
     def close(self) -> None:
         self.socket.close()
@@ -277,7 +303,10 @@ class DirectLink:
 
     def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
         for message in messages:
-            self.out.send(message, copy=False)
+            self.out.send(message)
+
+    def flush(self) -> None:
+        pass  # every message went out in send()
 
     def close(self) -> None:
         if not self.socket.closed:
@@ -324,6 +353,7 @@ class Worker:
         self.busy = False  # inline: the application is running in this thread
         self.started = 0.0  # inline: when the running request started
         self.in_io = False  # inline: in the loop's own socket calls, which SIGALRM must not enter
+        self.timer_on = False  # inline: SIGALRM ticks every FLUSH_AFTER until the worker idles
         self.signalled = ""  # the reason to stop, set by a signal or max_requests
         self.stopping = False
         self.bye = self.link.direct  # the dispatcher said BYE (direct mode: nothing to wait for)
@@ -360,6 +390,8 @@ class Worker:
         while not self._finished():
             self._poll(dp.GIVE_BACK_AFTER if self.give_back and self.pending else TICK)
             self._tick()
+        if self.timer_on:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # its default action would kill us
         log.info("worker %d stopped after %d requests (%d given back, %d malformed messages)",
                  os.getpid(), self.served, self.returned, self.malformed)
         return exits.EXIT_OK
@@ -372,11 +404,19 @@ class Worker:
         return self.bye or time.monotonic() - self.stopped_at > dp.SILENCE_LIMIT
 
     def _poll(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for frames or hand-overs, and handle them."""
+        """Wait up to ``timeout`` for frames or hand-overs, and handle them; send what
+        that produced (and what came before) in one message."""
+        self.link.flush()
         if self.deferred:
             self._take_frames()
             timeout = 0
-        for item, _ in self.poller.poll(timeout * 1000):
+        events = self.poller.poll(0)
+        if not events and timeout:
+            if self.timer_on and not self.busy:  # idle from here: no ticks while asleep
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                self.timer_on = False
+            events = self.poller.poll(timeout * 1000)
+        for item, _ in events:
             if item is self.link.socket:
                 self._take_frames()
             else:
@@ -384,6 +424,7 @@ class Worker:
         if self.inline:
             while self.pending and not self.busy:
                 self._serve(*self.pending.popleft())
+        self.link.flush()
 
     def _take_frames(self) -> None:
         """Handle the frames kept while giving back, then those in the socket, in order."""
@@ -472,7 +513,8 @@ class Worker:
         self.heard = time.monotonic()
         command = frames[0]
         if (command == dp.REQUEST or command == dp.NOTICE) and len(frames) > 1:
-            self._on_message(frames[1])
+            for raw in frames[1:]:
+                self._on_message(raw)
         elif command == dp.BYE:
             self.bye = True
         elif command != dp.HEARTBEAT:
@@ -530,10 +572,8 @@ class Worker:
             with self.ready:
                 self.pending.append((message, outbox))
                 self.ready.notify()
-        elif self.busy:
+        else:  # served once every frame at hand is taken, so the timer can give back the rest
             self.pending.append((message, outbox))
-        else:
-            self._serve(message, outbox)
 
     def _discard_upload(self, message: Message) -> None:
         """Delete the temp file of an upload that will not be served (if it is one of ours)."""
@@ -607,14 +647,15 @@ class Worker:
     def _enter_app(self) -> None:
         if self.inline:
             self.busy, self.started = True, time.monotonic()
-            if self.give_back:
-                signal.setitimer(signal.ITIMER_REAL, dp.GIVE_BACK_AFTER, dp.GIVE_BACK_AFTER)
+            if self.give_back and not self.timer_on:
+                signal.setitimer(signal.ITIMER_REAL, FLUSH_AFTER, FLUSH_AFTER)
+                self.timer_on = True
 
     def _leave_app(self) -> None:
         if self.inline:
             self.busy = False
-            if self.give_back:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            if time.monotonic() - self.started >= FLUSH_AFTER:
+                self.link.flush()
 
     def _log(self, environ: dict, status: int, sent: int, started: float, clock: float) -> None:
         if self.access.enabled:
@@ -636,27 +677,35 @@ class Worker:
     # -- giving back requests not started (dispatcher's prefetch)
 
     def _on_give_back_timer(self, signum: int, frame: Any) -> None:
-        """SIGALRM every GIVE_BACK_AFTER while the application runs inline."""
+        """SIGALRM every FLUSH_AFTER while the worker has work: while the application
+        runs inline, send the responses kept, and once the request has run for
+        GIVE_BACK_AFTER, return the requests not started."""
         if self.busy and not self.in_io:
             try:
-                self._take_back_frames()
-                self._return_pending()
+                self.link.flush()
+                if time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
+                    self._take_back_frames()
+                    self._return_pending()
             except zmq.ZMQError:
                 pass  # the context is closing: the process is leaving anyway
 
     def _take_back_frames(self) -> None:
         """Return the requests waiting in the socket; keep its other frames for the loop."""
+        conn_ids = []
         while True:
             try:
                 frames = self.link.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            fields = frames[1].split(b" ", 2) if len(frames) > 1 else []
-            if frames[0] == dp.REQUEST and len(fields) == 3 and fields[1].isdigit():
-                self.link.give_back(fields[1])
-                self.returned += 1
-            else:
+                break
+            if frames[0] != dp.REQUEST:
                 self.deferred.append(frames)
+                continue
+            for raw in frames[1:]:
+                fields = raw.split(b" ", 2)
+                if len(fields) == 3 and fields[1].isdigit():
+                    conn_ids.append(fields[1])
+        self.link.give_back(conn_ids)
+        self.returned += len(conn_ids)
 
     def _return_pending(self) -> None:
         """Return the requests held and not started."""
@@ -668,11 +717,11 @@ class Worker:
                 waiting = list(self.pending)
                 self.pending.clear()
         for message, outbox in waiting:
-            self.link.give_back(outbox.conn_id)
             if self.active.get(outbox.conn_id) is outbox:
                 del self.active[outbox.conn_id]
-            self.held -= 1
-            self.returned += 1
+        self.link.give_back([outbox.conn_id for _, outbox in waiting])
+        self.held -= len(waiting)
+        self.returned += len(waiting)
 
     def _give_back_waiting(self, now: float) -> None:
         """Threaded: return the waiting requests once every thread has been busy a while."""

@@ -71,30 +71,34 @@ def in_process(count: int, access_log: str) -> float:
     return spent / count * 1e6
 
 
-def fake_dispatcher(count: int, in_flight: int) -> tuple[float, float]:
-    """(user, system) microseconds of worker CPU per request, ``in_flight`` at a time."""
+def fake_dispatcher(count: int, batch: int) -> tuple[float, float]:
+    """(user, system) microseconds of worker CPU per request, given ``batch`` requests per
+    REQUEST message and answering with one OUTPUT per batch (prefetch ``batch - 1``)."""
     run_dir = Path(tempfile.mkdtemp(prefix="cw-b-", dir="/tmp"))
     RunDir(run_dir).create()
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.bind(RunDir(run_dir).dispatcher)
     settings = Settings(app="worker_apps:hello", chdir=str(TESTS_DIR), run_dir=str(run_dir),
-                        access_log="")
+                        access_log="", prefetch=batch - 1)
     worker = circus_wsgi("worker", settings, run_dir / "worker.log")
     try:
         identity, command, *_ = router.recv_multipart()
         assert command == dp.READY
-        raw = m2_request(b"1", b"/", user_agent=b"bench", accept=b"*/*")
-        request = [identity, dp.REQUEST, raw]
+        requests = [m2_request(b"%d" % conn, b"/", user_agent=b"bench", accept=b"*/*")
+                    for conn in range(batch)]
 
         def run(number: int) -> None:
-            for _ in range(in_flight):
-                router.send_multipart(request)
-            for _ in range(number - in_flight):
-                router.recv_multipart()
-                router.send_multipart(request)
-            for _ in range(in_flight):
-                router.recv_multipart()
+            done = 0
+            router.send_multipart([identity, dp.REQUEST, *requests])
+            while done < number:
+                frames = router.recv_multipart()
+                if frames[1] != dp.OUTPUT:
+                    continue
+                finished = len(frames[2].split())
+                done += finished
+                if done + batch <= number and finished:
+                    router.send_multipart([identity, dp.REQUEST, *requests[:finished]])
 
         run(2000)
         process = psutil.Process(worker.pid)
@@ -133,9 +137,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"in-process, no access log:    {in_process(args.count, ''):6.1f} us/request")
     print(f"in-process, access log file:  {in_process(args.count, '/dev/null'):6.1f} us/request")
-    for in_flight in (1, 8):
-        user, system = fake_dispatcher(args.count, in_flight)
-        print(f"worker process, fake dispatcher, {in_flight} in flight: {user + system:6.1f} "
+    for batch in (1, 8):
+        user, system = fake_dispatcher(args.count, batch)
+        print(f"worker process, fake dispatcher, batches of {batch}: {user + system:6.1f} "
               f"us CPU/request (user {user:.1f}, system {system:.1f})")
     if shutil.which("wrk"):
         result = behind_mongrel2(5)

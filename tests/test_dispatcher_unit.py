@@ -98,20 +98,25 @@ class WorkerPeer:
 
     def __init__(self, context: zmq.Context, run: RunDir, pid: int, free: int = 1) -> None:
         self.pid = pid
+        self.inbox: list[list[bytes]] = []  # the rest of a REQUEST that carried several
         self.sock = context.socket(zmq.DEALER)
         self.sock.connect(run.dispatcher)
         self.sock.send_multipart([dp.READY, str(pid).encode(), str(free).encode(),
                                   str(free).encode()])
 
     def next(self, timeout_ms: int = WAIT_MS) -> list[bytes]:
-        """The next message that is not a heartbeat."""
+        """The next message that is not a heartbeat; a REQUEST or NOTICE carrying several
+        mongrel2 messages counts as one message each."""
         deadline = time.monotonic() + timeout_ms / 1000
-        while True:
+        while not self.inbox:
             left = deadline - time.monotonic()
             assert left > 0 and self.sock.poll(left * 1000), f"worker {self.pid} got nothing"
-            frames = self.sock.recv_multipart()
-            if frames[0] != dp.HEARTBEAT:
-                return frames
+            command, *frames = self.sock.recv_multipart()
+            if command in (dp.REQUEST, dp.NOTICE):
+                self.inbox += [[command, frame] for frame in frames]
+            elif command != dp.HEARTBEAT:
+                self.inbox.append([command, *frames])
+        return self.inbox.pop(0)
 
     def take(self) -> bytes:
         """The connection id of the next request handed to this worker."""
@@ -128,7 +133,7 @@ class WorkerPeer:
 
     def done(self, conn: bytes, body: bytes = b"HTTP/1.1 200 OK\r\n\r\n") -> None:
         m2 = b"%s %d:%s, %s" % (SENDER, len(conn), conn, body)
-        self.sock.send_multipart([dp.DONE, conn, m2])
+        self.sock.send_multipart([dp.OUTPUT, conn, b"", m2])
 
 
 @pytest.fixture
@@ -282,7 +287,7 @@ def test_a_started_response_is_not_cut_by_timeout(stack):
     mongrel2.send(request_bytes(1))
     assert streaming.take() == b"1"
     part = b"%s 1:1, HTTP/1.1 200 OK\r\n\r\n" % SENDER
-    streaming.sock.send_multipart([dp.REPLY, b"1", part])
+    streaming.sock.send_multipart([dp.OUTPUT, b"", b"1", part])
     mongrel2.receive()
     assert mongrel2.silent(1500)  # timeout is 1 s; no 504 comes
     streaming.done(b"1", b"tail")
@@ -417,9 +422,52 @@ def test_a_malformed_worker_message_is_counted_and_changes_nothing(stack):
     broken.sock = zmq.Context.instance().socket(zmq.DEALER)
     broken.sock.connect(RunDir(Path(settings.run_dir)).dispatcher)
     broken.sock.send_multipart([dp.READY, b"not-a-pid"])
-    broken.sock.send_multipart([dp.DONE])
+    broken.sock.send_multipart([dp.OUTPUT])
     good = worker()
     mongrel2.send(request_bytes(1))
     assert good.take() == b"1" and process.poll() is None
     assert read_status(settings)["malformed"] == 2
     broken.sock.close(linger=0)
+
+
+# ------------------------------------------------------------------ batching
+
+
+def test_requests_waiting_together_go_to_a_worker_in_one_message(stack):
+    mongrel2, worker, *_ = stack
+    for conn in (1, 2, 3):
+        mongrel2.send(request_bytes(conn))
+    time.sleep(0.1)  # queued: no worker yet
+    peer = worker(free=3)
+    command, *frames = peer.sock.recv_multipart()
+    assert command == dp.REQUEST
+    assert [parse(frame).conn_id for frame in frames] == [b"1", b"2", b"3"]
+
+
+def test_one_output_finishes_several_requests_and_forwards_in_order(stack):
+    mongrel2, worker, *_ = stack
+    peer = worker(free=2)
+    mongrel2.send(request_bytes(1))
+    mongrel2.send(request_bytes(2))
+    assert {peer.take(), peer.take()} == {b"1", b"2"}
+    messages = [b"%s 1:%d, part %d" % (SENDER, conn, conn) for conn in (2, 1)]
+    peer.sock.send_multipart([dp.OUTPUT, b"2 1", b"", *messages])
+    assert [mongrel2.receive() for _ in range(2)] == [(b"2", b"part 2"), (b"1", b"part 1")]
+    for conn in (3, 4):  # both slots are free again
+        mongrel2.send(request_bytes(conn))
+    assert {peer.take(), peer.take()} == {b"3", b"4"}
+
+
+@PREFETCH
+def test_no_prefetch_to_a_worker_that_has_finished_nothing_for_a_while(stack):
+    mongrel2, worker, *_ = stack
+    a, b = worker(), worker()
+    mongrel2.send(request_bytes(1))
+    mongrel2.send(request_bytes(2))
+    assert a.take() == b"1" and b.take() == b"2"
+    time.sleep(0.05)  # both have been on their request longer than STALLED_WORKER
+    mongrel2.send(request_bytes(3))
+    assert a.idle(200) and b.idle(200)  # 3 waits rather than queue behind a slow one
+    b.done(b"2")
+    mongrel2.receive()
+    assert b.take() == b"3"

@@ -1,7 +1,7 @@
 """The worker's side of dispatch_protocol, against a fake dispatcher (a ROUTER in the test).
 
 The fake is a test double of our own dispatcher: it checks that a real worker
-process speaks the protocol exactly (READY, REPLY, DONE, LEAVING) and keeps to
+process speaks the protocol exactly (READY, OUTPUT, RETURN, LEAVING) and keeps to
 mongrel2's flow-control window.
 """
 
@@ -63,6 +63,22 @@ def payload(message: bytes) -> bytes:
     return rest[int(length) + 2:]
 
 
+#: What the fake dispatcher makes of an OUTPUT, one event per connection: a part of
+#: the response (REPLY) or its end (DONE), each with that connection's messages.
+REPLY, DONE = b"reply", b"done"
+
+
+def output_events(frames: list[bytes]) -> list[list[bytes]]:
+    """An OUTPUT message as [REPLY or DONE, conn_id, message...] per connection, in order."""
+    _, done, started, *messages = frames
+    by_conn: dict[bytes, list[bytes]] = {}
+    for message in messages:
+        ids = message.split(b" ", 1)[1].split(b":", 1)[1].split(b",", 1)[0]
+        by_conn.setdefault(ids.removeprefix(b"X "), []).append(message)  # X: control
+    return [[DONE if conn in done.split() else REPLY, conn, *by_conn.get(conn, [])]
+            for conn in dict.fromkeys(started.split() + done.split())]
+
+
 class FakeDispatcher:
     """A ROUTER bound where the worker looks for the dispatcher."""
 
@@ -72,12 +88,19 @@ class FakeDispatcher:
         self.router.linger = 0
         self.router.bind(RunDir(run_dir).dispatcher)
         self.identity = b""
+        self.events: list[list[bytes]] = []  # the rest of an OUTPUT already received
 
     def recv(self, timeout: float = 10.0) -> list[bytes]:
+        """The next message, an OUTPUT taken apart into :func:`output_events`."""
+        if self.events:
+            return self.events.pop(0)
         if not self.router.poll(timeout * 1000):
             raise AssertionError(f"nothing from the worker in {timeout}s")
         identity, *frames = self.router.recv_multipart()
         self.identity = identity
+        if frames[0] == dp.OUTPUT:
+            self.events = output_events(frames)
+            return self.events.pop(0)
         return frames
 
     def expect(self, command: bytes, timeout: float = 10.0, skip=(dp.READY,)) -> list[bytes]:
@@ -88,7 +111,7 @@ class FakeDispatcher:
             assert frames[0] in skip, f"expected {command!r}, got {frames[:3]!r}"
 
     def quiet(self, seconds: float) -> bool:
-        return not self.router.poll(seconds * 1000)
+        return not self.events and not self.router.poll(seconds * 1000)
 
     def send(self, *frames: bytes) -> None:
         self.router.send_multipart([self.identity, *frames])
@@ -104,14 +127,14 @@ class FakeDispatcher:
             command, conn, *frames = self.reply_or_done()
             assert conn == conn_id
             messages += frames
-            if command == dp.DONE:
+            if command == DONE:
                 return messages
 
     def reply_or_done(self) -> list[bytes]:
         """The next REPLY or DONE frames (READY frames are passed over)."""
         while True:
             frames = self.recv()
-            if frames[0] in (dp.REPLY, dp.DONE):
+            if frames[0] in (REPLY, DONE):
                 return frames
             assert frames[0] == dp.READY
 
@@ -147,7 +170,7 @@ def start_worker(run_dir, fake):
         if worker.alive():
             worker.send_signal(signal.SIGTERM)
             try:
-                fake.expect(dp.LEAVING, timeout=5, skip=(dp.READY, dp.REPLY, dp.DONE))
+                fake.expect(dp.LEAVING, timeout=5, skip=(dp.READY, REPLY, DONE))
                 fake.send(dp.BYE)
             except AssertionError:
                 pass
@@ -157,8 +180,8 @@ def start_worker(run_dir, fake):
 def test_ready_request_done_in_one_message(fake, start_worker):
     start_worker()
     fake.request(b"7", b"/hello")
-    command, conn, *messages = fake.expect(dp.DONE)
-    assert (command, conn) == (dp.DONE, b"7")
+    command, conn, *messages = fake.expect(DONE)
+    assert (command, conn) == (DONE, b"7")
     assert len(messages) == 1, "a small response is one mongrel2 message"
     assert messages[0].startswith(SENDER + b" 1:7, HTTP/1.1 200 OK\r\n")
     assert payload(messages[0]).endswith(b"\r\n\r\nHello, World!")
@@ -183,7 +206,7 @@ def _stream_with_credits(fake: FakeDispatcher, conn: bytes, path: bytes, window:
             outstanding += len(data)
             most = max(most, outstanding)
             assert outstanding <= window, "more bytes in flight than mongrel2's window"
-        if frames[0] == dp.DONE:
+        if frames[0] == DONE:
             return b"".join(received), most
         if fake.quiet(0.05):  # the worker waits for credits: the client reads it all
             fake.send(dp.NOTICE, m2_notice(conn, "credits", outstanding))
@@ -208,9 +231,9 @@ def test_disconnect_stops_the_response_and_closes_the_iterable(fake, start_worke
     start_worker()
     before = json.loads(payload(fake.serve(b"1", b"/closes")[0]).partition(b"\r\n\r\n")[2])
     fake.request(b"11", b"/forever")
-    assert fake.expect(dp.REPLY)[1] == b"11"
+    assert fake.expect(REPLY)[1] == b"11"
     fake.send(dp.NOTICE, m2_notice(b"11", "disconnect"))
-    command, conn, *messages = fake.expect(dp.DONE, skip=(dp.READY, dp.REPLY))
+    command, conn, *messages = fake.expect(DONE, skip=(dp.READY, REPLY))
     assert conn == b"11"
     after = json.loads(payload(fake.serve(b"1", b"/closes")[0]).partition(b"\r\n\r\n")[2])
     assert after["count"] == before["count"] + 1
@@ -233,7 +256,7 @@ def test_sigterm_leaves_finishes_and_exits(fake, start_worker):
     worker.send_signal(signal.SIGTERM)
     fake.expect(dp.LEAVING, skip=())
     fake.send(dp.BYE)
-    command, conn, *messages = fake.expect(dp.DONE, skip=())
+    command, conn, *messages = fake.expect(DONE, skip=())
     assert conn == b"12" and b" 200 OK" in messages[0]
     assert worker.popen.wait(10) == 0
 
@@ -279,7 +302,7 @@ def test_threads_serve_at_once(fake, start_worker):
         fake.request(conn, b"/slow?s=0.6")
     done = {}
     while len(done) < 3:
-        command, conn, *messages = fake.expect(dp.DONE)
+        command, conn, *messages = fake.expect(DONE)
         done[conn] = json.loads(payload(messages[0]).partition(b"\r\n\r\n")[2])
     assert time.monotonic() - started < 1.5, "the three ran at once"
     assert len({reply["thread"] for reply in done.values()}) == 3
@@ -365,24 +388,24 @@ def test_inline_worker_gives_back_what_waits_behind_a_slow_request(fake, start_w
     fake.request(b"41", b"/hello")
     assert fake.expect(dp.RETURN, timeout=2, skip=(dp.READY,))[1:] == [b"41"]
     assert time.monotonic() - started < 0.3, "given back while the slow one still runs"
-    assert fake.expect(dp.DONE, skip=(dp.READY,))[1] == b"40"
+    assert fake.expect(DONE, skip=(dp.READY,))[1] == b"40"
 
 
 def test_inline_worker_serves_quick_prefetched_requests(fake, start_worker):
     start_worker(prefetch=1)
     for conn in (b"42", b"43", b"44"):
         fake.request(conn, b"/hello")
-    assert [fake.expect(dp.DONE, skip=(dp.READY,))[1] for _ in range(3)] == [b"42", b"43", b"44"]
+    assert [fake.expect(DONE, skip=(dp.READY,))[1] for _ in range(3)] == [b"42", b"43", b"44"]
 
 
 def test_streaming_inline_worker_gives_back_too(fake, start_worker):
     start_worker(prefetch=1)
     fake.request(b"45", b"/big?mb=1")  # waits for credits that the test does not grant
-    assert fake.expect(dp.REPLY)[1] == b"45"
+    assert fake.expect(REPLY)[1] == b"45"
     fake.request(b"46", b"/hello")
-    assert fake.expect(dp.RETURN, timeout=2, skip=(dp.READY, dp.REPLY))[1:] == [b"46"]
+    assert fake.expect(dp.RETURN, timeout=2, skip=(dp.READY, REPLY))[1:] == [b"46"]
     fake.send(dp.NOTICE, m2_notice(b"45", "disconnect"))
-    assert fake.expect(dp.DONE, skip=(dp.READY, dp.REPLY))[1] == b"45"
+    assert fake.expect(DONE, skip=(dp.READY, REPLY))[1] == b"45"
 
 
 def test_threaded_worker_gives_back_when_every_thread_is_busy(fake, start_worker):
@@ -392,4 +415,42 @@ def test_threaded_worker_gives_back_when_every_thread_is_busy(fake, start_worker
     time.sleep(0.1)
     fake.request(b"49", b"/hello")
     assert fake.expect(dp.RETURN, timeout=2, skip=(dp.READY,))[1:] == [b"49"]
-    assert {fake.expect(dp.DONE)[1] for _ in range(2)} == {b"47", b"48"}
+    assert {fake.expect(DONE)[1] for _ in range(2)} == {b"47", b"48"}
+
+
+# ------------------------------------------------------------------ batching
+
+
+def test_requests_in_one_message_are_answered_in_one_output(fake, start_worker):
+    start_worker(prefetch=3)
+    conns = [b"60", b"61", b"62", b"63"]
+    fake.send(dp.REQUEST, *[m2_request(conn, b"/hello") for conn in conns])
+    frames = fake.router.recv_multipart()[1:]
+    while frames[0] == dp.READY:
+        frames = fake.router.recv_multipart()[1:]
+    assert frames[0] == dp.OUTPUT
+    assert frames[1].split() == conns and frames[2] == b""
+    assert [payload(m).split(b"\r\n\r\n", 1)[1] for m in frames[3:]] == [b"Hello, World!"] * 4
+
+
+def test_responses_finished_before_a_slow_request_do_not_wait_for_it(fake, start_worker):
+    start_worker(prefetch=1)
+    started = time.monotonic()
+    fake.send(dp.REQUEST, m2_request(b"64", b"/hello"), m2_request(b"65", b"/slow?s=0.6"))
+    assert fake.expect(DONE)[1] == b"64"
+    assert time.monotonic() - started < 0.3, "the hello response waited for the slow one"
+    assert fake.expect(DONE, timeout=3)[1] == b"65"
+
+
+def test_a_response_waiting_for_credits_probes_its_connection(fake, start_worker):
+    """mongrel2 drops a connection it cannot write to without a notice; a keep-alive
+    probe makes it send one, so the application stops waiting (worker.PROBE_AFTER)."""
+    start_worker()
+    fake.request(b"66", b"/big?mb=1", credits=WINDOW)  # no credits are granted here
+    started = time.monotonic()
+    probe = protocol.keep_alive(SENDER, b"66")
+    while probe not in fake.expect(REPLY, timeout=5)[2:]:
+        assert time.monotonic() - started < 3, "no probe"
+    assert time.monotonic() - started > 0.5
+    fake.send(dp.NOTICE, m2_notice(b"66", "disconnect"))  # what mongrel2 answers when gone
+    assert fake.expect(DONE, skip=(REPLY,))[1] == b"66"
