@@ -32,13 +32,16 @@ Worker -> dispatcher:
 
 Dispatcher -> worker:
 
-``REQUEST m2msg...``
+``REQUEST budgets m2msg...``
     Requests (or completed uploads) for the worker to serve, as many as the
-    dispatcher hands it at one wake-up. A worker is given requests for its
-    idle threads first, then up to ``prefetch`` more while every worker is
-    busy, so it starts its next request without waiting for a round trip. It
-    holds at most one request per connection: pipelined requests wait in the
-    dispatcher until the one before them is done, which keeps their order.
+    dispatcher hands it at one wake-up. ``budgets``: with flow control, the
+    space-separated bytes each response may send before it waits for credits
+    (:mod:`circus_wsgi.flowcontrol`); empty without flow control. A worker is
+    given requests for its idle threads first, then up to ``prefetch`` more
+    while every worker is busy, so it starts its next request without waiting
+    for a round trip. It holds at most one request per connection: pipelined
+    requests wait in the dispatcher until the one before them is done, which
+    keeps their order.
 ``NOTICE m2msg``
     A disconnect or credits notice for a connection this worker holds.
 ``HEARTBEAT``

@@ -10,6 +10,9 @@ when no worker takes a request within queue_timeout or the queue is full, 504
 
 Protocol with the workers: :mod:`circus_wsgi.dispatch_protocol`. Counters for
 ``circus-wsgi status``: :mod:`circus_wsgi.dispatch_state` over a REP socket.
+With flow control, responses go out through :mod:`circus_wsgi.flowcontrol`.
+Work is done per wake-up: requests are queued as they are read, handed out
+once the sockets are drained, and each worker's share sent in one message.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from .dispatch_state import Counters, InFlight, Pending, WorkerState
 from .exits import EXIT_OK, STUCK_SIGNAL
 from .httpmsg import error_response
 from .lifeline import die_with_parent
-from .protocol import (UPLOAD_START, Kind, Message, ProtocolError, close, is_smuggling_risk,
-                       parse, response)
+from .memory import tune_malloc
+from .flowcontrol import Windows
+from .protocol import (UPLOAD_START, Kind, Message, ProtocolError, close, granted,
+                       is_smuggling_risk, parse, plain_request, response)
 from .rundir import RunDir
 from .settings import Settings
 
@@ -69,6 +74,9 @@ class Dispatcher:
         self.behind: dict[bytes, deque[Pending]] = {}  # pipelined, behind an in-flight request
         self.in_flight: dict[bytes, InFlight] = {}
         self.batches: dict[bytes, list[Pending]] = {}  # handed over, sent at the loop's turn
+        # With flow control, every response goes through the connections' windows.
+        self.windows = Windows(self.responses.send) if settings.flow_control else None
+        self.prefetch, self.max_queue = settings.prefetch, settings.max_queue
         self.uploads: dict[bytes, bytes] = {}  # conn_id -> temp file still being uploaded
         self.refused: dict[bytes, float] = {}  # conn_id -> until when its requests are dropped
         self.counters = Counters()
@@ -180,8 +188,14 @@ class Dispatcher:
         if raw.endswith(CREDITS_BODY):  # after every response: route it without parsing
             _, conn, path, _ = raw.split(b" ", 3)
             if path == b"@*":  # mongrel2's own: no route of a client's request matches @*
-                self._notify_holder(conn, raw)
+                self._on_credits(conn, granted(raw), raw)
                 return
+        plain = plain_request(raw)
+        if plain is not None:  # most requests: nothing to check
+            sender, conn = plain
+            if conn not in self.refused:
+                self._enqueue(Pending(conn, sender, raw, time.monotonic()))
+            return
         try:
             message = parse(raw)
         except ProtocolError as error:
@@ -198,7 +212,12 @@ class Dispatcher:
         elif kind is Kind.UPLOAD_START:
             self._on_upload_start(message)
         else:  # a credits notice in another layout than mongrel2 1.12's
-            self._notify_holder(message.conn_id, raw)
+            self._on_credits(message.conn_id, message.credits, raw)
+
+    def _on_credits(self, conn: bytes, credits: int, raw: bytes) -> None:
+        if self.windows is not None:
+            self.windows.credited(conn, credits)
+        self._notify_holder(conn, raw)
 
     def _on_upload_start(self, message: Message) -> None:
         """The body is arriving in a temp file; the request waits for upload-done.
@@ -242,13 +261,18 @@ class Dispatcher:
         if conn in self.refused or self._refuse(message):
             self._remove_file(upload)
             return
-        pending = Pending(conn, message.sender, raw, time.monotonic(), upload)
+        if self.windows is not None and message.credits:  # the connection's first request
+            self.windows.opened(conn, message.credits)
+        self._enqueue(Pending(conn, message.sender, raw, time.monotonic(), upload))
+
+    def _enqueue(self, pending: Pending) -> None:
+        conn = pending.conn_id
         if conn in self.in_flight or conn in self.behind:
             self.behind.setdefault(conn, deque()).append(pending)  # keep pipelined order
             return
-        if len(self.queue) >= self.settings.max_queue:
+        if len(self.queue) >= self.max_queue:
             self._dispatch(pending.arrived)  # those arrived at this wake-up may have slots
-            if len(self.queue) >= self.settings.max_queue:
+            if len(self.queue) >= self.max_queue:
                 self._answer(pending, 503, "queue full", retry_after=True)
                 return
         self.queue.append(pending)
@@ -279,6 +303,7 @@ class Dispatcher:
         conn = message.conn_id
         self._remove_file(self.uploads.pop(conn, None))
         self.refused.pop(conn, None)
+        self._forget_window(conn)
         for pending in self.behind.pop(conn, ()):
             pending.cancelled = True
         for pending in self.queue:
@@ -331,7 +356,7 @@ class Dispatcher:
         for identity, worker in self.workers.items():
             held = len(worker.held)
             if worker.returned or worker.retired or \
-                    held >= worker.threads + self.settings.prefetch or \
+                    held >= worker.threads + self.prefetch or \
                     worker.progress < stalled:
                 continue
             if fewest is None or held < fewest:
@@ -342,7 +367,9 @@ class Dispatcher:
         """Send each worker the requests handed to it at this turn, in one message."""
         batches, self.batches = self.batches, {}
         for identity, batch in batches.items():
-            self._send_worker(identity, (dp.REQUEST, *[p.raw for p in batch]), batch)
+            windows = b"" if self.windows is None else \
+                b" ".join([b"%d" % self.windows.budget(p.conn_id) for p in batch])
+            self._send_worker(identity, (dp.REQUEST, windows, *[p.raw for p in batch]), batch)
 
     def _take_back(self, identity: bytes, batch: list[Pending]) -> None:
         """Requests that never reached their worker go back to the head of the queue."""
@@ -396,9 +423,12 @@ class Dispatcher:
 
     def _on_output(self, identity: bytes, done: list[bytes], started: list[bytes],
                    messages: list[bytes]) -> None:
-        send = self.responses.send
-        for message in messages:
-            send(message)
+        if self.windows is not None:
+            self.windows.forward(messages)
+        else:
+            send = self.responses.send
+            for message in messages:
+                send(message)
         for conn in started:
             flight = self.in_flight.get(conn)
             if flight is not None:
@@ -410,6 +440,10 @@ class Dispatcher:
             worker.progress = time.monotonic()
         for conn in done:
             self._on_done(identity, worker, conn)
+
+    def _forget_window(self, conn: bytes) -> None:
+        if self.windows is not None:
+            self.windows.forget(conn)
 
     def _on_ready(self, identity: bytes, pid: int, free: int, threads: int) -> None:
         worker = self.workers.get(identity)
@@ -498,6 +532,7 @@ class Dispatcher:
             worker.failed += 1
             if flight.started:  # headers went out: all we can do is close
                 self.responses.send(close(flight.pending.sender, conn))
+                self._forget_window(conn)
                 self.counters.count_failure("closed: " + reason)
             else:
                 self._answer(flight.pending, 502, reason)
@@ -537,6 +572,8 @@ class Dispatcher:
                 self._on_stuck(conn, flight)
         for conn in [c for c, until in self.refused.items() if until < now]:
             del self.refused[conn]
+        if self.windows is not None:
+            self.windows.prune()
 
     def _on_stuck(self, conn: bytes, flight: InFlight) -> None:
         worker = self.workers.get(flight.worker)
@@ -574,6 +611,7 @@ class Dispatcher:
         headers = ((b"Retry-After", b"1"),) if retry_after else ()
         self.responses.send(response(sender, conn, error_response(status, headers=headers)))
         self.responses.send(close(sender, conn))
+        self._forget_window(conn)
         self.counters.count_failure(f"{status} {reason}")
         log.warning("%d for connection %s: %s", status, conn.decode(), reason)
 
@@ -612,6 +650,9 @@ class Dispatcher:
                 self._answer(pending, 503, "dispatcher stopping", retry_after=True)
         for conn, flight in self.in_flight.items():
             self.responses.send(close(flight.pending.sender, conn))
+        if self.windows is not None:  # no credits come once stopping: cut, do not hang
+            for message in self.windows.abandon():
+                self.responses.send(message)
         for pidfd in self.pidfds:
             os.close(pidfd)
         for sock in (self.responses, self.workers_socket, self.status_socket):
@@ -622,5 +663,6 @@ class Dispatcher:
 def run_dispatcher(settings: Settings) -> int:
     """Entry point of ``circus-wsgi dispatcher``: run until stopped; return the exit status."""
     die_with_parent()
+    tune_malloc()
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(message)s")
     return Dispatcher(settings).run()

@@ -18,8 +18,12 @@ from typing import Iterable, Union
 
 import tnetstring
 
-__all__ = ["Kind", "Message", "ProtocolError", "parse", "response", "close", "keep_alive",
-           "is_smuggling_risk", "upload_file", "MAX_TARGETS"]
+__all__ = ["Kind", "Message", "ProtocolError", "parse", "plain_request", "granted",
+           "addressed", "response", "close", "keep_alive", "is_smuggling_risk", "upload_file",
+           "MAX_TARGETS", "WINDOW"]
+
+#: mongrel2 1.12's download window per connection (MAX_CREDITS; not a setting).
+WINDOW = 100 * 1024
 
 #: mongrel2's limits.handler_targets: ids one response message may address.
 MAX_TARGETS = 128
@@ -109,6 +113,58 @@ def parse(data: bytes, protocol: str = "auto") -> Message:
         raise ProtocolError("trailing bytes after the body")
     body = data[body_start:body_end]
     return Message(sender, conn_id, path, headers, body, _classify(headers, body))
+
+
+#: In a request's bytes, what makes it more than a plain request: a body length (it
+#: must be checked), an upload, the connection's first window, a notice.
+_NOT_PLAIN = (b"content-length", b"transfer-encoding", b"x-mongrel2-upload",
+              b"DOWNLOAD_CREDITS", b"6:METHOD,4:JSON,")
+
+
+def plain_request(data: bytes) -> tuple[bytes, bytes] | None:
+    """(sender, conn_id) of a request that needs no look at its headers: tnetstring
+    headers with a METHOD, an empty body, none of the headers above. None for anything
+    else, which :func:`parse` then reads in full. (The fast path of the dispatcher.)"""
+    parts = data.split(b" ", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or not data.endswith(b"}0:,"):
+        return None
+    for marker in _NOT_PLAIN:
+        if marker in data:
+            return None
+    try:
+        headers = tnetstring.loads(parts[3][:-3])
+    except ValueError:
+        return None
+    if type(headers) is not dict or type(headers.get(b"METHOD")) is not bytes:
+        return None
+    return parts[0], parts[1]
+
+
+def granted(data: bytes) -> int:
+    """The bytes a credits notice grants (0 if it is not one)."""
+    at = data.find(b"16:DOWNLOAD_CREDITS,")
+    if at >= 0:
+        value_start = data.find(b":", at + 20) + 1
+        value_end = data.find(b",", value_start)
+        value = data[value_start:value_end]
+        return int(value) if value.isdigit() else 0
+    try:
+        return parse(data).credits
+    except ProtocolError:
+        return 0
+
+
+def addressed(message: bytes) -> tuple[list[bytes], int]:
+    """The connection ids a response message is for and the bytes it writes to each:
+    0 for a close, -1 for a control message (its ids begin with ``X``)."""
+    _, _, rest = message.partition(b" ")
+    length, _, rest = rest.partition(b":")
+    if not length.isdigit():
+        return [], -1
+    ids = rest[:int(length)]
+    if ids.startswith(b"X "):
+        return ids[2:].split(), -1
+    return ids.split(), max(0, len(rest) - int(length) - 2)
 
 
 def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: str) -> dict:

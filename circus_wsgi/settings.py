@@ -303,11 +303,12 @@ SETTINGS: tuple[Setting, ...] = (
     _S("recv_spec", "workers", "", _endpoint,
        "mongrel2's handler recv_spec (its SUB socket). Default: an ipc socket in run_dir.",
        "ENDPOINT"),
-    _S("prefetch", "workers", 1, _integer(0),
+    _S("prefetch", "workers", 16, _integer(0),
        "Requests a worker may hold beyond its threads while every worker is busy, so it "
-       "starts the next one without waiting for the dispatcher. A worker busy with one "
-       "request for 20 ms hands back those it has not started, so none waits long behind "
-       "a slow one. 0: a worker only ever holds as many requests as it has threads.", "N"),
+       "starts the next one without waiting for the dispatcher. None go to a worker that "
+       "has finished nothing for 5 ms, and a worker busy with one request for 20 ms hands "
+       "back those it has not started, so none waits long behind a slow one. 0: a worker "
+       "only ever holds as many requests as it has threads.", "N"),
     _S("graceful_timeout", "workers", 30.0, _seconds(0),
        "After SIGTERM, how long a worker may take to finish the requests it holds.", "S"),
     _S("timeout", "workers", 30.0, _seconds(1),

@@ -21,14 +21,18 @@ application threads hand their messages over through a queue and a wake-up
 pipe, and get their credit and disconnect notices through their request's
 own queue.
 
+In dispatcher mode, responses are kept and sent in one OUTPUT message when
+the worker runs out of work or is about to wait (:class:`DispatcherLink`).
 With the dispatcher's ``prefetch``, a worker may hold requests beyond its
 threads; those not started when every thread has been on its request for
-``GIVE_BACK_AFTER`` go back (RETURN). Threaded, the loop sees to it. Inline,
-the loop is inside the application, so a SIGALRM timer runs every
-``GIVE_BACK_AFTER`` while it is: its handler (Python code between the
-application's bytecodes, never inside the loop's own socket calls) returns the
-requests waiting in the socket. Like any signal, it interrupts a blocking
-system call of the application, which Python retries (PEP 475).
+``GIVE_BACK_AFTER`` go back (RETURN). Threaded, the loop sees to both. Inline,
+the loop is inside the application, so while the worker has work a SIGALRM
+timer ticks every :data:`FLUSH_AFTER`: its handler (Python code between the
+application's bytecodes, never inside the loop's own socket calls) sends the
+responses kept, so none waits behind a slow request, and after
+``GIVE_BACK_AFTER`` returns the requests waiting. Like any signal, it
+interrupts a blocking system call of the application, which Python retries
+(PEP 475).
 
 Signals: SIGTERM: take nothing new, finish what is held, exit 0 within
 graceful_timeout. SIGINT and SIGQUIT: exit at once. :data:`exits.STUCK_SIGNAL`
@@ -55,18 +59,18 @@ from . import dispatch_protocol as dp
 from . import exits, httpmsg, protocol
 from .accesslog import AccessLog, Entry
 from .appload import AppLoadError, load_app, load_mounts, prepare_path
+from .flowcontrol import BUDGET, UNKNOWN
 from .lifeline import die_with_parent
+from .memory import tune_malloc
 from .protocol import Kind, Message, ProtocolError
 from .rundir import RunDir
 from .settings import Settings
-from .wsgi import SLACK, ClientGone, Exchange, Pacer, Router, Site, wants_keep_alive
+from .wsgi import ClientGone, Exchange, Pacer, Router, Site, wants_keep_alive
 
 __all__ = ["run_worker", "Worker", "build_router"]
 
 log = logging.getLogger("circus_wsgi.worker")
 
-#: mongrel2 1.12's download window per connection (MAX_CREDITS; not a setting).
-WINDOW = 100 * 1024
 #: A client that takes no byte of its response for this long is given up.
 STALLED = 60.0
 #: Waiting this long for credits, a response asks mongrel2 whether its connection still
@@ -512,7 +516,11 @@ class Worker:
     def _on_link_dispatcher(self, frames: list[bytes]) -> None:
         self.heard = time.monotonic()
         command = frames[0]
-        if (command == dp.REQUEST or command == dp.NOTICE) and len(frames) > 1:
+        if command == dp.REQUEST and len(frames) > 2:
+            budgets = frames[1].split()  # with flow control, each response's budget
+            for number, raw in enumerate(frames[2:]):
+                self._on_message(raw, int(budgets[number]) if number < len(budgets) else None)
+        elif command == dp.NOTICE and len(frames) > 1:
             for raw in frames[1:]:
                 self._on_message(raw)
         elif command == dp.BYE:
@@ -524,7 +532,7 @@ class Worker:
     def _on_link_direct(self, frames: list[bytes]) -> None:
         self._on_message(frames[0])
 
-    def _on_message(self, raw: bytes) -> None:
+    def _on_message(self, raw: bytes, budget: Optional[int] = None) -> None:
         try:
             message = protocol.parse(raw)
         except ProtocolError as error:
@@ -533,7 +541,7 @@ class Worker:
             return
         kind = message.kind
         if kind is Kind.REQUEST or kind is Kind.UPLOAD_DONE:
-            self._accept(message)
+            self._accept(message, budget)
         elif kind is Kind.UPLOAD_START:
             self._upload_started(message)
         else:
@@ -555,12 +563,12 @@ class Worker:
 
     # -- requests
 
-    def _accept(self, message: Message) -> None:
+    def _accept(self, message: Message, budget: Optional[int] = None) -> None:
         if message.conn_id in self.refused:  # after a smuggling attempt on that connection
             self._discard_upload(message)
             return
         self.held += 1
-        outbox = Outbox(message, self._pacer(message),
+        outbox = Outbox(message, self._pacer(message, budget),
                         self._deliver if self.inline else self._hand_over,
                         self._pump if self.inline else Outbox.absorb, not self.inline)
         self.active[message.conn_id] = outbox
@@ -581,11 +589,14 @@ class Worker:
         if path is not None:
             _unlink(path)
 
-    def _pacer(self, message: Message) -> Pacer:
+    def _pacer(self, message: Message, budget: Optional[int]) -> Pacer:
+        """With flow control, the dispatcher gives each response its budget: the bytes
+        it may send before it waits for credits (:mod:`circus_wsgi.flowcontrol`)."""
         if not self.flow:
             return Pacer(None)
-        window = message.credits  # DOWNLOAD_CREDITS: only in a connection's first request
-        return Pacer(window) if window else Pacer(WINDOW, WINDOW - SLACK)
+        if budget is None:
+            budget = message.credits or UNKNOWN
+        return Pacer(BUDGET, budget)
 
     def _body(self, message: Message) -> tuple[Any, Optional[int]]:
         """The request body as a file for wsgi.input and its length (None: inline)."""
@@ -700,7 +711,7 @@ class Worker:
             if frames[0] != dp.REQUEST:
                 self.deferred.append(frames)
                 continue
-            for raw in frames[1:]:
+            for raw in frames[2:]:
                 fields = raw.split(b" ", 2)
                 if len(fields) == 3 and fields[1].isdigit():
                     conn_ids.append(fields[1])
@@ -809,6 +820,7 @@ def run_worker(settings: Settings) -> int:
     logging.basicConfig(stream=sys.stderr, level=settings.log_level.upper(),
                         format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
     die_with_parent()
+    tune_malloc()
     try:
         router = build_router(settings)
         access = AccessLog(settings.access_log, settings.access_log_format)

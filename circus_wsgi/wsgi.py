@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 from urllib.parse import unquote_to_bytes
 
 from . import httpmsg
+from .protocol import WINDOW
 from .protocol import Message
 
 __all__ = ["Site", "Router", "Exchange", "Outbox", "ClientGone", "FileWrapper", "Pacer",
@@ -38,9 +39,7 @@ log = logging.getLogger("circus_wsgi.wsgi")
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 #: Size of the pieces a streamed body is cut into under flow control.
-PIECE = 32 * 1024
-#: Uncredited bytes a response may leave behind on its connection when it is done.
-SLACK = 16 * 1024
+PIECE = 100 * 1024
 #: Without flow control: messages sent at once before coalescing starts ...
 BURST = 4
 #: ... then at most one message per this many seconds, ...
@@ -511,14 +510,15 @@ class Pacer:
     """How one response's bytes are cut into mongrel2 messages.
 
     With flow control, mongrel2 drops a client when the bytes queued for it
-    would pass its window (``window``, 100 KiB) and credits back each message's
-    bytes once written. So the bytes sent and not yet credited never exceed
-    ``credit``: each piece is at most :data:`PIECE`, sent only when the credit
-    allows, and the writer waits (``blocked``) while a piece is held. The window
-    belongs to the connection, not the request (mongrel2 announces it in the
-    first request only): a later response starts with less (``credit``: the
-    window minus :data:`SLACK`), and each response is ``settled`` once at most
-    :data:`SLACK` of its bytes are uncredited, which is what the next one assumes.
+    would pass its window (:data:`protocol.WINDOW`, 100 KiB) and credits back
+    each message's bytes once written; the dispatcher holds back what does not
+    fit yet (:mod:`circus_wsgi.flowcontrol`). So the bytes sent and not yet
+    credited never exceed ``credit`` (the budget the dispatcher gave the
+    response, plus the credits since; at most ``window``): a response that
+    fits goes as one message (if it fits mongrel2's window too), a larger one
+    in pieces of at most :data:`PIECE`, each sent when the credit allows, and
+    the writer waits (``blocked``) while a piece is held. A response is
+    ``settled`` once nothing is held.
 
     Without flow control (``window`` None) mongrel2 drops a client with more
     than 16 messages queued: after :data:`BURST` messages sent at once, blocks
@@ -526,12 +526,11 @@ class Pacer:
     when :data:`HOLD_MAX` bytes are held.
     """
 
-    __slots__ = ("window", "credit", "_start", "_held", "_size", "_tokens", "_last")
+    __slots__ = ("window", "credit", "_held", "_size", "_tokens", "_last")
 
     def __init__(self, window: Optional[int], credit: Optional[int] = None) -> None:
         self.window = window
         self.credit = (window or 0) if credit is None else min(credit, window or 0)
-        self._start = self.credit
         self._held: list[bytes] = []
         self._size = 0
         self._tokens = float(BURST)
@@ -543,9 +542,8 @@ class Pacer:
         return self._size
 
     def fits(self, size: int) -> bool:
-        """Whether one message of ``size`` bytes may go now and leave the response settled."""
-        return self.window is None or (
-            not self._size and size <= self.credit and self.credit - size >= self._start - SLACK)
+        """Whether one message of ``size`` bytes may go now (none passes mongrel2's window)."""
+        return self.window is None or (not self._size and size <= min(self.credit, WINDOW))
 
     def add(self, data: bytes) -> None:
         """Queue ``data`` to be sent."""
@@ -573,8 +571,8 @@ class Pacer:
         return self._size >= min(PIECE, self.window)
 
     def settled(self) -> bool:
-        """True when nothing is held and at most :data:`SLACK` bytes are uncredited."""
-        return not self._size and (self.window is None or self.credit >= self._start - SLACK)
+        """True when nothing is held."""
+        return not self._size
 
     def wait_time(self, now: float) -> Optional[float]:
         """Seconds until ``take`` can send without new credits (None: it needs credits)."""

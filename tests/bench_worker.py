@@ -45,6 +45,9 @@ class ListLink:
     def send(self, conn_id: bytes, messages: list, done: bool) -> None:
         self.sent += 1
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -59,11 +62,15 @@ def in_process(count: int, access_log: str) -> float:
     worker.link.close()
     worker.link = link = ListLink()
     raw = m2_request(b"1", b"/", credits=None, user_agent=b"bench", accept=b"*/*")
-    for _ in range(1000):
+    def serve() -> None:
         worker._on_message(raw)
+        worker._serve(*worker.pending.popleft())
+
+    for _ in range(1000):
+        serve()
     started = time.process_time()
     for _ in range(count):
-        worker._on_message(raw)
+        serve()
     spent = time.process_time() - started
     assert link.sent == count + 1000
     worker.close()
@@ -90,7 +97,7 @@ def fake_dispatcher(count: int, batch: int) -> tuple[float, float]:
 
         def run(number: int) -> None:
             done = 0
-            router.send_multipart([identity, dp.REQUEST, *requests])
+            router.send_multipart([identity, dp.REQUEST, b"", *requests])
             while done < number:
                 frames = router.recv_multipart()
                 if frames[1] != dp.OUTPUT:
@@ -98,7 +105,7 @@ def fake_dispatcher(count: int, batch: int) -> tuple[float, float]:
                 finished = len(frames[2].split())
                 done += finished
                 if done + batch <= number and finished:
-                    router.send_multipart([identity, dp.REQUEST, *requests[:finished]])
+                    router.send_multipart([identity, dp.REQUEST, b"", *requests[:finished]])
 
         run(2000)
         process = psutil.Process(worker.pid)

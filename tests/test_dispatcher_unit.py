@@ -23,6 +23,7 @@ import zmq
 
 from circus_wsgi import dispatch_protocol as dp
 from circus_wsgi.exits import STUCK_SIGNAL
+from circus_wsgi.flowcontrol import BUDGET
 from circus_wsgi.protocol import parse
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings
@@ -99,6 +100,7 @@ class WorkerPeer:
     def __init__(self, context: zmq.Context, run: RunDir, pid: int, free: int = 1) -> None:
         self.pid = pid
         self.inbox: list[list[bytes]] = []  # the rest of a REQUEST that carried several
+        self.windows: dict[bytes, int] = {}  # conn_id -> window left, as last handed over
         self.sock = context.socket(zmq.DEALER)
         self.sock.connect(run.dispatcher)
         self.sock.send_multipart([dp.READY, str(pid).encode(), str(free).encode(),
@@ -112,6 +114,10 @@ class WorkerPeer:
             left = deadline - time.monotonic()
             assert left > 0 and self.sock.poll(left * 1000), f"worker {self.pid} got nothing"
             command, *frames = self.sock.recv_multipart()
+            if command == dp.REQUEST:
+                windows, *frames = frames
+                for window, frame in zip(windows.split(), frames):
+                    self.windows[parse(frame).conn_id] = int(window)
             if command in (dp.REQUEST, dp.NOTICE):
                 self.inbox += [[command, frame] for frame in frames]
             elif command != dp.HEARTBEAT:
@@ -439,8 +445,8 @@ def test_requests_waiting_together_go_to_a_worker_in_one_message(stack):
         mongrel2.send(request_bytes(conn))
     time.sleep(0.1)  # queued: no worker yet
     peer = worker(free=3)
-    command, *frames = peer.sock.recv_multipart()
-    assert command == dp.REQUEST
+    command, windows, *frames = peer.sock.recv_multipart()
+    assert command == dp.REQUEST and len(windows.split()) == 3
     assert [parse(frame).conn_id for frame in frames] == [b"1", b"2", b"3"]
 
 
@@ -471,3 +477,27 @@ def test_no_prefetch_to_a_worker_that_has_finished_nothing_for_a_while(stack):
     b.done(b"2")
     mongrel2.receive()
     assert b.take() == b"3"
+
+
+# ------------------------------------------------------------------ flow control
+
+
+def test_each_response_is_told_its_budget_and_what_passes_the_window_waits(stack):
+    mongrel2, worker, *_ = stack
+    peer = worker()
+    mongrel2.send(request_bytes(1, headers={b"DOWNLOAD_CREDITS": b"102400"}))
+    assert peer.take() == b"1" and peer.windows[b"1"] == BUDGET
+    peer.done(b"1", b"x" * 60000)  # forwarded: 60000 bytes not yet credited
+    assert len(mongrel2.receive()[1]) == 60000
+    mongrel2.send(request_bytes(1))  # a later request on the connection: no header
+    assert peer.take() == b"1" and peer.windows[b"1"] == BUDGET - 60000
+    peer.done(b"1", b"y" * 50000)  # passes the window: held back for credits
+    assert mongrel2.silent()
+    mongrel2.send(notice_bytes(1, "credits", 60000))  # mongrel2 wrote the first response
+    assert mongrel2.receive()[1] == b"y" * 50000
+    mongrel2.send(request_bytes(1))
+    assert peer.take() == b"1" and peer.windows[b"1"] == BUDGET - 50000
+    peer.done(b"1", b"")  # a close: the connection's window is forgotten
+    mongrel2.receive()
+    mongrel2.send(request_bytes(1, headers={b"DOWNLOAD_CREDITS": b"102400"}))
+    assert peer.take() == b"1" and peer.windows[b"1"] == BUDGET

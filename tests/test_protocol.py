@@ -197,3 +197,47 @@ def test_mutated_messages_raise_only_protocol_error(raw, edits, kind):
         position %= len(data) + 1
         data[position:position + remove] = insert
     _parse_or_protocol_error(bytes(data), kind)
+
+
+# ------------------------------------------------------------------ the dispatcher's fast path
+
+PLAIN = GET.replace(b"16:DOWNLOAD_CREDITS,6:102400,", b"").replace(b" 303:", b" %d:" % (303 - 29))
+
+
+def test_plain_request_reads_sender_and_connection_of_a_request_with_nothing_to_check():
+    assert protocol.parse(PLAIN).kind is Kind.REQUEST
+    assert protocol.plain_request(PLAIN) == (UUID, b"1")
+    for other in (GET, CREDITS, DISCONNECT, UPLOAD_START, UPLOAD_DONE, JSON_GET, JSON_DISCONNECT):
+        assert protocol.plain_request(other) is None  # read in full instead
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([PLAIN, GET, CREDITS, DISCONNECT, UPLOAD_DONE, JSON_GET]),
+       st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=3), st.integers(0, 3)),
+                max_size=4))
+def test_plain_request_never_passes_what_parse_would_check(raw, edits):
+    """Whatever the fast path takes is a well-formed request with no body, no upload, no
+    window and no body-length header, from the same sender and connection."""
+    data = bytearray(raw)
+    for position, insert, remove in edits:
+        position %= len(data) + 1
+        data[position:position + remove] = insert
+    plain = protocol.plain_request(bytes(data))
+    if plain is None:
+        return
+    message = protocol.parse(bytes(data))
+    assert (message.sender, message.conn_id) == plain and message.kind is Kind.REQUEST
+    assert message.body == b"" and not message.credits and not protocol.is_smuggling_risk(message)
+    assert not {b"content-length", b"transfer-encoding"} & set(message.headers)
+
+
+def test_granted_reads_a_credits_notice():
+    assert protocol.granted(CREDITS) == 60000
+    assert protocol.granted(DISCONNECT) == 0 and protocol.granted(b"garbage") == 0
+
+
+def test_addressed_tells_connections_and_bytes_written():
+    assert protocol.addressed(protocol.response(UUID, b"12", b"hello")) == ([b"12"], 5)
+    assert protocol.addressed(protocol.close(UUID, [b"1", b"2"])) == ([b"1", b"2"], 0)
+    assert protocol.addressed(protocol.keep_alive(UUID, b"7")) == ([b"7"], -1)
+    assert protocol.addressed(b"no header") == ([], -1)

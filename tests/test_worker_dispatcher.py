@@ -22,7 +22,6 @@ from circus_wsgi import dispatch_protocol as dp
 from circus_wsgi import protocol
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings
-from circus_wsgi.wsgi import SLACK
 from harness import TESTS_DIR, circus_wsgi
 
 pytestmark = pytest.mark.timeout(60)
@@ -116,8 +115,9 @@ class FakeDispatcher:
     def send(self, *frames: bytes) -> None:
         self.router.send_multipart([self.identity, *frames])
 
-    def request(self, *args, **kwargs) -> None:
-        self.send(dp.REQUEST, m2_request(*args, **kwargs))
+    def request(self, *args, window: int = WINDOW, **kwargs) -> None:
+        """Hand over one request, telling the worker its connection's ``window`` left."""
+        self.send(dp.REQUEST, b"%d" % window, m2_request(*args, **kwargs))
 
     def serve(self, conn_id: bytes, path: bytes, **kwargs) -> list[bytes]:
         """Send a request; return the messages of its REPLY and DONE frames."""
@@ -193,10 +193,10 @@ def test_close_message_goes_in_the_done_frame(fake, start_worker):
     assert len(messages) == 2 and messages[1] == protocol.close(SENDER, b"8")
 
 
-def _stream_with_credits(fake: FakeDispatcher, conn: bytes, path: bytes, window: int,
-                         credits: int | None) -> tuple[bytes, int]:
+def _stream_with_credits(fake: FakeDispatcher, conn: bytes, path: bytes,
+                         window: int) -> tuple[bytes, int]:
     """Serve ``path``, granting credits as a client would read; check the window holds."""
-    fake.request(conn, path, credits=credits)
+    fake.request(conn, path, window=window)
     received, outstanding, most = [], 0, 0
     while True:
         frames = fake.reply_or_done()
@@ -215,16 +215,32 @@ def _stream_with_credits(fake: FakeDispatcher, conn: bytes, path: bytes, window:
 
 def test_flow_control_keeps_to_the_window(fake, start_worker):
     start_worker()
-    data, most = _stream_with_credits(fake, b"9", b"/big?mb=2", WINDOW, WINDOW)
+    data, most = _stream_with_credits(fake, b"9", b"/big?mb=2", WINDOW)
     assert data.endswith(b"x" * 1000) and len(data.partition(b"\r\n\r\n")[2]) == 2 << 20
     assert most > WINDOW / 2, "the window is used, not just a sliver of it"
 
 
-def test_later_request_on_a_connection_assumes_less_than_the_window(fake, start_worker):
+def test_a_response_keeps_to_the_window_left_on_its_connection(fake, start_worker):
     start_worker()
     data, most = _stream_with_credits(fake, b"10", b"/stream?blocks=20&size=10000",
-                                      WINDOW - SLACK, None)
-    assert data.endswith(b"0\r\n\r\n")
+                                      WINDOW // 3)
+    assert data.endswith(b"0\r\n\r\n") and most > WINDOW // 6
+
+
+def test_a_response_that_fits_the_window_is_done_without_waiting_for_credits(fake, start_worker):
+    start_worker()
+    fake.request(b"12", b"/stream?blocks=1&size=90000", credits=None, window=WINDOW)
+    command, conn, *messages = fake.expect(DONE, timeout=2, skip=(dp.READY,))
+    assert b"".join(payload(m) for m in messages).endswith(b"a" * 90000 + b"\r\n0\r\n\r\n")
+
+
+def test_a_response_over_the_window_left_waits_for_credits(fake, start_worker):
+    start_worker()
+    fake.request(b"13", b"/stream?blocks=1&size=90000", credits=None, window=50000)
+    fake.expect(REPLY, timeout=2)
+    assert fake.quiet(0.5), "nothing more before credits"
+    fake.send(dp.NOTICE, m2_notice(b"13", "credits", WINDOW))
+    assert fake.expect(DONE, skip=(REPLY,))[1] == b"13"
 
 
 def test_disconnect_stops_the_response_and_closes_the_iterable(fake, start_worker):
@@ -311,13 +327,13 @@ def test_threads_serve_at_once(fake, start_worker):
 
 def test_threads_stream_with_credits(fake, start_worker):
     start_worker(threads=2)
-    data, _ = _stream_with_credits(fake, b"24", b"/big?mb=1", WINDOW, WINDOW)
+    data, _ = _stream_with_credits(fake, b"24", b"/big?mb=1", WINDOW)
     assert len(data.partition(b"\r\n\r\n")[2]) == 1 << 20
 
 
 def test_malformed_messages_are_counted_and_survived(fake, start_worker, run_dir):
     worker = start_worker()
-    fake.send(dp.REQUEST, b"this is not a mongrel2 message")
+    fake.send(dp.REQUEST, b"", b"this is not a mongrel2 message")
     fake.send(dp.NOTICE, SENDER + b" 1 @* 99:truncated")
     fake.send(b"?", b"an unknown command")
     assert b"Hello" in fake.serve(b"30", b"/hello")[0]
@@ -424,7 +440,7 @@ def test_threaded_worker_gives_back_when_every_thread_is_busy(fake, start_worker
 def test_requests_in_one_message_are_answered_in_one_output(fake, start_worker):
     start_worker(prefetch=3)
     conns = [b"60", b"61", b"62", b"63"]
-    fake.send(dp.REQUEST, *[m2_request(conn, b"/hello") for conn in conns])
+    fake.send(dp.REQUEST, b"", *[m2_request(conn, b"/hello") for conn in conns])
     frames = fake.router.recv_multipart()[1:]
     while frames[0] == dp.READY:
         frames = fake.router.recv_multipart()[1:]
@@ -436,7 +452,7 @@ def test_requests_in_one_message_are_answered_in_one_output(fake, start_worker):
 def test_responses_finished_before_a_slow_request_do_not_wait_for_it(fake, start_worker):
     start_worker(prefetch=1)
     started = time.monotonic()
-    fake.send(dp.REQUEST, m2_request(b"64", b"/hello"), m2_request(b"65", b"/slow?s=0.6"))
+    fake.send(dp.REQUEST, b"", m2_request(b"64", b"/hello"), m2_request(b"65", b"/slow?s=0.6"))
     assert fake.expect(DONE)[1] == b"64"
     assert time.monotonic() - started < 0.3, "the hello response waited for the slow one"
     assert fake.expect(DONE, timeout=3)[1] == b"65"

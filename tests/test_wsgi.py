@@ -10,8 +10,8 @@ from wsgiref.validate import validator
 import pytest
 
 from circus_wsgi import wsgi
-from circus_wsgi.protocol import Kind, Message
-from circus_wsgi.wsgi import (BURST, HOLD_MAX, INTERVAL, PIECE, SLACK, ClientGone, Exchange,
+from circus_wsgi.protocol import WINDOW, Kind, Message
+from circus_wsgi.wsgi import (BURST, HOLD_MAX, INTERVAL, PIECE, ClientGone, Exchange,
                               Pacer, Router, Site, wants_keep_alive)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -380,30 +380,31 @@ def test_pacer_without_flow_control_coalesces_after_a_burst():
     assert pacer.settled() is False
 
 
-def test_pacer_keeps_to_the_window():
-    pacer = Pacer(100 * 1024)
-    pacer.add(b"z" * (300 * 1024))
-    assert [len(p) for p in pacer.take(0.0)] == [PIECE] * 3
-    assert pacer.credit == 4 * 1024 and pacer.blocked() and pacer.wait_time(0.0) is None
+def test_pacer_keeps_to_its_credit_in_pieces():
+    pacer = Pacer(2 * PIECE + 4096, 2 * PIECE + 4096)
+    pacer.add(b"z" * (5 * PIECE))
+    assert [len(p) for p in pacer.take(0.0)] == [PIECE] * 2
+    assert pacer.credit == 4096 and pacer.blocked() and pacer.wait_time(0.0) is None
     assert pacer.take(0.0) == [], "no slivers: wait for a quarter piece of credit"
     pacer.granted(PIECE)
     assert [len(p) for p in pacer.take(0.0)] == [PIECE]
-    sent = 4 * PIECE
+    sent = 3 * PIECE
     while pacer.held:
         pieces = pacer.take(0.0)
         assert all(len(p) <= PIECE for p in pieces)
         assert sum(map(len, pieces)) <= pacer.window
         sent += sum(map(len, pieces))
         pacer.granted(10 ** 9)
-    assert sent == 300 * 1024 and pacer.credit == pacer.window and pacer.settled()
+    assert sent == 5 * PIECE and pacer.credit == pacer.window and pacer.settled()
 
 
-def test_pacer_settles_within_slack_of_its_start():
-    pacer = Pacer(100 * 1024, 100 * 1024 - SLACK)
-    assert pacer.fits(SLACK) and not pacer.fits(SLACK + 1)
-    pacer.add(b"q" * (SLACK + 10))
-    assert len(b"".join(pacer.take(0.0))) == SLACK + 10
+def test_pacer_sends_what_fits_the_window_left_in_one_message_and_settles_when_sent():
+    pacer = Pacer(1 << 20, 90 * 1024)
+    assert pacer.fits(90 * 1024) and not pacer.fits(90 * 1024 + 1)
+    assert not Pacer(1 << 20).fits(WINDOW + 1), "no message passes mongrel2's window"
+    pacer.add(b"q" * (50 * 1024))
+    assert len(b"".join(pacer.take(0.0))) == 50 * 1024
+    assert pacer.settled(), "sent is settled: the dispatcher counts what is uncredited"
+    pacer.add(b"r" * (90 * 1024))
     assert not pacer.settled()
-    pacer.granted(10)
-    assert pacer.settled()
     assert Pacer(1000, 5000).credit == 1000

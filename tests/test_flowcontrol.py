@@ -1,0 +1,95 @@
+"""The dispatcher's per-connection windows (circus_wsgi.flowcontrol), without sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from circus_wsgi import flowcontrol
+from circus_wsgi.flowcontrol import BUDGET, UNKNOWN, Windows
+from circus_wsgi.protocol import WINDOW, close, keep_alive, response
+
+SENDER = b"sender"
+
+
+def piece(conn: bytes, size: int, fill: bytes = b"x") -> bytes:
+    return response(SENDER, conn, fill * size)
+
+
+@pytest.fixture
+def windows():
+    sent: list[bytes] = []
+    return Windows(sent.append), sent
+
+
+def test_what_fits_the_window_goes_and_the_rest_waits_for_credits_in_order(windows):
+    windows, sent = windows
+    windows.opened(b"1", WINDOW)
+    messages = [piece(b"1", 40000, fill) for fill in (b"a", b"b", b"c")] + [close(SENDER, b"1")]
+    windows.forward(messages)
+    assert sent == messages[:2]  # 80000 of 102400; the third would pass the window
+    assert windows.budget(b"1") == BUDGET - 120000
+    windows.credited(b"1", 10000)
+    assert len(sent) == 2, "not enough credit yet"
+    windows.credited(b"1", 30000)
+    assert sent == messages, "the third and then the close, in order"
+    assert b"1" not in windows.left and windows.held_total == 0, "closed: forgotten"
+
+
+def test_other_connections_are_not_held_up(windows):
+    windows, sent = windows
+    windows.opened(b"1", WINDOW)
+    windows.opened(b"2", WINDOW)
+    windows.forward([piece(b"1", 90000), piece(b"1", 90000)])
+    windows.forward([piece(b"2", 500)])
+    assert [m.split(b" ", 2)[1] for m in sent] == [b"1:1,", b"1:2,"]
+
+
+def test_a_later_response_on_a_connection_queues_behind_what_is_held(windows):
+    windows, sent = windows
+    windows.opened(b"1", 1000)
+    windows.forward([piece(b"1", 800), piece(b"1", 800)])
+    windows.forward([piece(b"1", 10)])  # fits the window left, but must not overtake
+    assert len(sent) == 1
+    windows.credited(b"1", 800)
+    assert len(sent) == 3
+
+
+def test_control_messages_write_nothing_and_keep_their_place(windows):
+    windows, sent = windows
+    windows.opened(b"1", 100)
+    windows.forward([keep_alive(SENDER, b"1")])
+    assert windows.left[b"1"] == 100 and len(sent) == 1
+    windows.forward([piece(b"1", 200), keep_alive(SENDER, b"1")])
+    assert len(sent) == 1
+    windows.credited(b"1", 100)
+    assert len(sent) == 3
+
+
+def test_budget_is_the_window_left_plus_the_spare_less_what_is_held(windows):
+    windows, _ = windows
+    assert windows.budget(b"9") == UNKNOWN + BUDGET - WINDOW  # never seen: assumed
+    windows.opened(b"1", WINDOW)
+    assert windows.budget(b"1") == BUDGET
+    windows.forward([piece(b"1", 60000)])
+    assert windows.budget(b"1") == BUDGET - 60000
+
+
+def test_past_the_total_held_limit_budgets_shrink_to_the_window(windows, monkeypatch):
+    windows, _ = windows
+    monkeypatch.setattr(flowcontrol, "HELD_MAX", 50000)
+    windows.opened(b"1", WINDOW)
+    windows.opened(b"2", WINDOW)
+    windows.forward([piece(b"1", 90000), piece(b"1", 90000)])
+    assert windows.held_total == 90000
+    assert windows.budget(b"2") == WINDOW
+
+
+def test_forget_and_abandon_drop_what_is_held(windows):
+    windows, sent = windows
+    windows.opened(b"1", 100)
+    windows.opened(b"2", 100)
+    windows.forward([piece(b"1", 200), piece(b"2", 300)])
+    windows.forget(b"1")
+    assert windows.held_total == 300
+    assert windows.abandon() == [close(SENDER, b"2")]
+    assert windows.held_total == 0 and not windows.held and sent == []
