@@ -573,6 +573,7 @@ class Dispatcher:
         for conn in [c for c, until in self.refused.items() if until < now]:
             del self.refused[conn]
         if self.windows is not None:
+            self.windows.probe(now)
             self.windows.prune()
 
     def _on_stuck(self, conn: bytes, flight: InFlight) -> None:

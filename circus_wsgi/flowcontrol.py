@@ -15,15 +15,20 @@ request is told its *budget*: :data:`BUDGET` less what its connection still
 has unwritten (held back here or queued in mongrel2); a worker that streams
 more waits for the credits notices, which reach it too. Held-back bytes are
 bounded per connection by :data:`BUDGET` and in all by :data:`HELD_MAX`: past
-that, a request's budget is only what mongrel2 itself can take.
+that, a request's budget is only what mongrel2 itself can take. mongrel2 drops
+a client it cannot write to without a notice, so a connection that has had
+bytes held back and no credits for :data:`PROBE_AFTER` is asked about with a
+``ctl`` keep-alive (:func:`protocol.keep_alive`), which mongrel2 answers with a
+disconnect notice if it is gone.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Callable
 
-from .protocol import WINDOW, addressed, close
+from .protocol import WINDOW, addressed, close, keep_alive
 
 #: Bytes of a response a worker may send before it waits for credits.
 BUDGET = 2 * 1024 * 1024
@@ -32,6 +37,8 @@ HELD_MAX = 64 * 1024 * 1024
 #: The window assumed for a connection whose first request this dispatcher never saw
 #: (it was restarted since).
 UNKNOWN = WINDOW // 2
+#: Seconds without credits after which a connection with bytes held back is probed.
+PROBE_AFTER = 1.0
 #: Connections tracked; past this, those tracked longest are forgotten (mongrel2 may
 #: drop a connection without a notice, and it is never heard of again).
 MAX_TRACKED = 65536
@@ -46,6 +53,7 @@ class Windows:
         self.held: dict[bytes, deque[tuple[bytes, int]]] = {}  # conn_id -> (message, size)
         self.held_bytes: dict[bytes, int] = {}
         self.held_total = 0
+        self.quiet_since: dict[bytes, float] = {}  # conn_id -> last credits (or first hold)
 
     def opened(self, conn: bytes, window: int) -> None:
         """A connection's first request announced its window."""
@@ -75,6 +83,8 @@ class Windows:
         if conn not in self.left:
             return
         self.left[conn] = min(WINDOW, self.left[conn] + credits)
+        if conn in self.quiet_since:
+            self.quiet_since[conn] = time.monotonic()
         queue = self.held.get(conn)
         while queue and queue[0][1] <= self.left.get(conn, 0):
             message, size = queue.popleft()
@@ -97,6 +107,14 @@ class Windows:
             self.forget(conn)
         return closes
 
+    def probe(self, now: float) -> None:
+        """Ask mongrel2 about the connections held back without credits for a while."""
+        for conn, since in list(self.quiet_since.items()):
+            if now - since >= PROBE_AFTER:
+                self.quiet_since[conn] = now
+                sender = self.held[conn][0][0].partition(b" ")[0]
+                self.send(keep_alive(sender, conn))
+
     def prune(self) -> None:
         """Forget the oldest half of the connections once too many are tracked."""
         if len(self.left) > MAX_TRACKED:
@@ -112,7 +130,10 @@ class Windows:
             self.forget(conn)
 
     def _hold(self, conn: bytes, message: bytes, size: int) -> None:
-        self.held.setdefault(conn, deque()).append((message, size))
+        if conn not in self.held:
+            self.held[conn] = deque()
+            self.quiet_since[conn] = time.monotonic()
+        self.held[conn].append((message, size))
         self.held_bytes[conn] = self.held_bytes.get(conn, 0) + max(size, 0)
         self.held_total += max(size, 0)
 
@@ -123,3 +144,4 @@ class Windows:
     def _drop_held(self, conn: bytes) -> None:
         del self.held[conn]
         del self.held_bytes[conn]
+        del self.quiet_since[conn]

@@ -93,3 +93,20 @@ def test_forget_and_abandon_drop_what_is_held(windows):
     assert windows.held_total == 300
     assert windows.abandon() == [close(SENDER, b"2")]
     assert windows.held_total == 0 and not windows.held and sent == []
+
+
+def test_a_connection_held_back_without_credits_is_probed(windows, monkeypatch):
+    windows, sent = windows
+    clock = [100.0]
+    monkeypatch.setattr(flowcontrol.time, "monotonic", lambda: clock[0])
+    windows.opened(b"1", 100)
+    windows.forward([piece(b"1", 200)])
+    windows.probe(clock[0] + 0.5)
+    assert sent == []
+    clock[0] += 2
+    windows.probe(clock[0])
+    assert sent == [keep_alive(SENDER, b"1")]  # mongrel2 answers a disconnect if it is gone
+    windows.probe(clock[0] + 0.5)
+    assert len(sent) == 1, "once per PROBE_AFTER"
+    windows.credited(b"1", 100)
+    assert sent[-1] == piece(b"1", 200) and not windows.quiet_since
