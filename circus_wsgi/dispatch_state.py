@@ -26,7 +26,7 @@ class Pending:
 
 @dataclass(slots=True)
 class InFlight:
-    """A request handed to a worker and not yet DONE."""
+    """A request handed to a worker and not yet done."""
 
     worker: bytes
     pending: Pending

@@ -29,10 +29,10 @@ import zmq
 from . import dispatch_protocol as dp
 from .dispatch_state import Counters, InFlight, Pending, WorkerState
 from .exits import EXIT_OK, STUCK_SIGNAL
+from .flowcontrol import Windows
 from .httpmsg import error_response
 from .lifeline import die_with_parent
 from .memory import tune_malloc
-from .flowcontrol import Windows
 from .protocol import (UPLOAD_START, Kind, Message, ProtocolError, close, granted,
                        is_smuggling_risk, parse, plain_request, response)
 from .rundir import RunDir
@@ -367,9 +367,9 @@ class Dispatcher:
         """Send each worker the requests handed to it at this turn, in one message."""
         batches, self.batches = self.batches, {}
         for identity, batch in batches.items():
-            windows = b"" if self.windows is None else \
+            budgets = b"" if self.windows is None else \
                 b" ".join([b"%d" % self.windows.budget(p.conn_id) for p in batch])
-            self._send_worker(identity, (dp.REQUEST, windows, *[p.raw for p in batch]), batch)
+            self._send_worker(identity, (dp.REQUEST, budgets, *[p.raw for p in batch]), batch)
 
     def _take_back(self, identity: bytes, batch: list[Pending]) -> None:
         """Requests that never reached their worker go back to the head of the queue."""

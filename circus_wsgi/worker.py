@@ -6,7 +6,7 @@ Owns one worker's sockets, signals, threads and draining; the HTTP is
 Requests come one of two ways (setting ``mode``):
 
 - ``dispatcher``: a DEALER to the dispatcher's ROUTER, speaking
-  :mod:`circus_wsgi.dispatch_protocol` (READY, REPLY, DONE, LEAVING).
+  :mod:`circus_wsgi.dispatch_protocol` (READY, OUTPUT, RETURN, LEAVING).
 - ``direct``: PULL from mongrel2's send_spec, XPUB to its recv_spec. The
   worker takes requests only once mongrel2 has subscribed to its responses
   (an XPUB sees the subscription), so no early reply is lost. mongrel2 deals
@@ -747,7 +747,7 @@ class Worker:
         previous, self.in_io = self.in_io, True
         try:
             if done and self.signalled and not self.stopping:
-                self._begin_stop(time.monotonic())  # LEAVING before DONE frees a slot
+                self._begin_stop(time.monotonic())  # LEAVING before the OUTPUT that frees a slot
             self.link.send(outbox.conn_id, messages, done)
         finally:
             self.in_io = previous
