@@ -47,6 +47,8 @@ BATCH = 256
 STALLED_WORKER = 0.005
 #: How a credits notice ends: mongrel2 sends one after each response it writes.
 CREDITS_BODY = b'18:{"type":"credits"},'
+#: How a disconnect notice ends: one per connection closed, with Connection: close.
+DISCONNECT_BODY = b'21:{"type":"disconnect"},'
 #: How often queue and request deadlines are checked, in seconds.
 TICK = 0.1
 #: After a worker's process exits, how long its last frames (already sent, maybe not
@@ -185,15 +187,20 @@ class Dispatcher:
     # ---------------------------------------------------- from mongrel2
 
     def _on_mongrel2(self, raw: bytes) -> None:
-        if raw.endswith(CREDITS_BODY):  # after every response: route it without parsing
+        if raw.endswith(CREDITS_BODY) or raw.endswith(DISCONNECT_BODY):  # route unparsed
             _, conn, path, _ = raw.split(b" ", 3)
             if path == b"@*":  # mongrel2's own: no route of a client's request matches @*
-                self._on_credits(conn, granted(raw), raw)
+                if raw.endswith(CREDITS_BODY):
+                    self._on_credits(conn, granted(raw), raw)
+                else:
+                    self._on_disconnect(conn, raw)
                 return
         plain = plain_request(raw)
         if plain is not None:  # most requests: nothing to check
-            sender, conn = plain
+            sender, conn, window = plain
             if conn not in self.refused:
+                if window and self.windows is not None:  # the connection's first request
+                    self.windows.opened(conn, window)
                 self._enqueue(Pending(conn, sender, raw, time.monotonic()))
             return
         try:
@@ -208,7 +215,7 @@ class Dispatcher:
         elif kind is Kind.UPLOAD_DONE:
             self._on_upload_done(message, raw)
         elif kind is Kind.DISCONNECT:
-            self._on_disconnect(message, raw)
+            self._on_disconnect(message.conn_id, raw)
         elif kind is Kind.UPLOAD_START:
             self._on_upload_start(message)
         else:  # a credits notice in another layout than mongrel2 1.12's
@@ -299,8 +306,7 @@ class Dispatcher:
         return bool(limit) and isinstance(length, bytes) and length.isdigit() \
             and int(length) > limit
 
-    def _on_disconnect(self, message: Message, raw: bytes) -> None:
-        conn = message.conn_id
+    def _on_disconnect(self, conn: bytes, raw: bytes) -> None:
         self._remove_file(self.uploads.pop(conn, None))
         self.refused.pop(conn, None)
         self._forget_window(conn)

@@ -116,15 +116,16 @@ def parse(data: bytes, protocol: str = "auto") -> Message:
 
 
 #: In a request's bytes, what makes it more than a plain request: a body length (it
-#: must be checked), an upload, the connection's first window, a notice.
+#: must be checked), an upload, a notice.
 _NOT_PLAIN = (b"content-length", b"transfer-encoding", b"x-mongrel2-upload",
-              b"DOWNLOAD_CREDITS", b"6:METHOD,4:JSON,")
+              b"6:METHOD,4:JSON,")
 
 
-def plain_request(data: bytes) -> tuple[bytes, bytes] | None:
-    """(sender, conn_id) of a request that needs no look at its headers: tnetstring
-    headers with a METHOD, an empty body, none of the headers above. None for anything
-    else, which :func:`parse` then reads in full. (The fast path of the dispatcher.)"""
+def plain_request(data: bytes) -> tuple[bytes, bytes, int] | None:
+    """(sender, conn_id, window) of a request that needs no look at its headers:
+    tnetstring headers with a METHOD, an empty body, none of the headers above;
+    ``window`` is its DOWNLOAD_CREDITS (a connection's first request), else 0. None for
+    anything else, which :func:`parse` then reads in full. (The dispatcher's fast path.)"""
     parts = data.split(b" ", 3)
     if len(parts) != 4 or not parts[1].isdigit() or not data.endswith(b"}0:,"):
         return None
@@ -137,7 +138,8 @@ def plain_request(data: bytes) -> tuple[bytes, bytes] | None:
         return None
     if type(headers) is not dict or type(headers.get(b"METHOD")) is not bytes:
         return None
-    return parts[0], parts[1]
+    window = headers.get(b"DOWNLOAD_CREDITS", b"")
+    return parts[0], parts[1], int(window) if type(window) is bytes and window.isdigit() else 0
 
 
 def granted(data: bytes) -> int:
