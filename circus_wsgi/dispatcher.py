@@ -23,6 +23,7 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any, Callable
 
 import zmq
 
@@ -166,28 +167,17 @@ class Dispatcher:
                 log.info("mongrel2 connected")
 
     def _drain_requests(self) -> None:
-        """Handle up to :data:`BATCH` messages from mongrel2 (one per frame, copied:
-        cheaper than a zero-copy frame at a few hundred bytes)."""
-        recv, handle = self.requests.recv, self._on_mongrel2
-        try:
-            for _ in range(BATCH):
-                handle(recv(zmq.NOBLOCK))
-        except zmq.Again:
-            pass
+        """mongrel2's messages: one frame each, copied (cheaper than a zero-copy frame at
+        a few hundred bytes)."""
+        _drain(self.requests.recv, self._on_mongrel2)
 
     def _drain_workers(self) -> None:
-        """Handle up to :data:`BATCH` messages from the workers."""
-        recv, handle = self.workers_socket.recv_multipart, self._on_worker
-        try:
-            for _ in range(BATCH):
-                handle(recv(zmq.NOBLOCK))
-        except zmq.Again:
-            pass
+        _drain(self.workers_socket.recv_multipart, self._on_worker)
 
     # ---------------------------------------------------- from mongrel2
 
     def _on_mongrel2(self, raw: bytes) -> None:
-        if raw.endswith(CREDITS_BODY) or raw.endswith(DISCONNECT_BODY):  # route unparsed
+        if raw.endswith((CREDITS_BODY, DISCONNECT_BODY)):  # route them unparsed
             _, conn, path, _ = raw.split(b" ", 3)
             if path == b"@*":  # mongrel2's own: no route of a client's request matches @*
                 if raw.endswith(CREDITS_BODY):
@@ -665,6 +655,16 @@ class Dispatcher:
         for sock in (self.responses, self.workers_socket, self.status_socket):
             sock.close(linger=1000)
         log.info("dispatcher %d stopped", os.getpid())
+
+
+def _drain(recv: Callable[[int], Any], handle: Callable[[Any], None]) -> None:
+    """Handle up to :data:`BATCH` waiting messages (one exception when none is left
+    costs less than asking the socket before each)."""
+    try:
+        for _ in range(BATCH):
+            handle(recv(zmq.NOBLOCK))
+    except zmq.Again:
+        pass
 
 
 def run_dispatcher(settings: Settings) -> int:

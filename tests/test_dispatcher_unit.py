@@ -219,12 +219,18 @@ def test_pipelined_requests_on_one_connection_keep_their_order(stack):
     assert parse(data).path == b"/second"
 
 
-def test_notices_reach_the_worker_holding_the_connection(stack):
-    mongrel2, worker, *_ = stack
+def two_busy_workers(mongrel2: Mongrel2Peer, worker) -> tuple[WorkerPeer, WorkerPeer]:
+    """Two workers, holding connection 1 and 2."""
     a, b = worker(), worker()
     mongrel2.send(request_bytes(1))
     mongrel2.send(request_bytes(2))
     assert a.take() == b"1" and b.take() == b"2"
+    return a, b
+
+
+def test_notices_reach_the_worker_holding_the_connection(stack):
+    mongrel2, worker, *_ = stack
+    a, b = two_busy_workers(mongrel2, worker)
     mongrel2.send(notice_bytes(2, "credits", 4096))
     mongrel2.send(notice_bytes(1, "disconnect"))
     command, data = b.next()
@@ -467,10 +473,7 @@ def test_one_output_finishes_several_requests_and_forwards_in_order(stack):
 @PREFETCH
 def test_no_prefetch_to_a_worker_that_has_finished_nothing_for_a_while(stack):
     mongrel2, worker, *_ = stack
-    a, b = worker(), worker()
-    mongrel2.send(request_bytes(1))
-    mongrel2.send(request_bytes(2))
-    assert a.take() == b"1" and b.take() == b"2"
+    a, b = two_busy_workers(mongrel2, worker)
     time.sleep(0.05)  # both have been on their request longer than STALLED_WORKER
     mongrel2.send(request_bytes(3))
     assert a.idle(200) and b.idle(200)  # 3 waits rather than queue behind a slow one
