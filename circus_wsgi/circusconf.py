@@ -3,7 +3,8 @@
 This module owns the circus side of a deployment: circusd's own endpoints (ipc
 sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-stats
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
-``dispatcher`` (not in direct mode) and ``workers``, and the flapping plugin.
+``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
+and of mongrel2 (glibc malloc tuning, :mod:`.memory`), and the flapping plugin.
 
 circus reads the file with its own parser, which differs from Python's
 configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
@@ -15,11 +16,13 @@ replaced by circusd's own environment. Commands are split with ``shlex``.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
 from pathlib import Path
 
+from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
 from .rundir import RunDir
 from .settings import Settings, SettingsError
@@ -181,15 +184,29 @@ def _workers_section(settings: Settings) -> Section:
             "(circusctl incr/decr workers).", {**options, **_streams("workers")})
 
 
-def _env_section(settings: Settings) -> Section | None:
-    env = dict(settings.env)  # a name given twice: the last value wins, as in os.environ
+def _env_section(watcher: str, comment: str, env: dict[str, str]) -> Section:
+    """``[env:WATCHER]``: ``env`` added to the watcher's environment, each value checked."""
     for name, value in env.items():
         _raw("env", f"{name}={value}", value)
         if _ENV_VARIABLE.search(value):
             _refuse("env", f"{name}={value}", value, "circus would replace $NAME")
-    if not env:
-        return None
-    return ("env:workers", "Environment variables of the workers (setting env).", env)
+    return (f"env:{watcher}", comment, env)
+
+
+def _env_sections(settings: Settings) -> list[Section]:
+    sections = []
+    # A GLIBC_TUNABLES where the file is written is the user's own tuning: the file then
+    # sets none, and mongrel2 gets circusd's environment as it is (copy_env).
+    if "GLIBC_TUNABLES" not in os.environ:
+        sections.append(_env_section(
+            "mongrel2", "mongrel2's malloc tuned like the Python processes' "
+            "(circus_wsgi.memory): large bodies reuse memory.",
+            {"GLIBC_TUNABLES": glibc_tunables()}))
+    env = dict(settings.env)  # a name given twice: the last value wins, as in os.environ
+    if env:
+        sections.append(_env_section(
+            "workers", "Environment variables of the workers (setting env).", env))
+    return sections
 
 
 def _flapping_section(settings: Settings) -> Section:
@@ -230,9 +247,7 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     if settings.mode == "dispatcher":
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
-    env = _env_section(settings)
-    if env:
-        sections.append(env)
+    sections += _env_sections(settings)
     sections.append(_flapping_section(settings))
     return sections
 

@@ -16,6 +16,7 @@ from circus.config import get_config
 from circus_wsgi import cli
 from circus_wsgi.circusconf import (
     CHECK_DELAY, FLAPPING_PLUGIN, MONGREL2_GRACEFUL_TIMEOUT, STOP_MARGIN, circus_ini)
+from circus_wsgi.memory import glibc_tunables
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings, SettingsError
 
@@ -101,6 +102,23 @@ def test_mongrel2_watcher(run_dir: Path, settings: Settings) -> None:
         "class": "circus_wsgi.logstream.PrefixedStream", "prefix": "mongrel2"}
 
 
+def test_only_mongrel2_gets_the_malloc_tuning(run_dir: Path, settings: Settings,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    found = watchers(load(run_dir, settings))
+    assert found["mongrel2"]["env"]["GLIBC_TUNABLES"] == glibc_tunables()
+    assert "GLIBC_TUNABLES" not in found["workers"]["env"]
+    assert "GLIBC_TUNABLES" not in found["dispatcher"]["env"]
+
+
+def test_a_glibc_tunables_of_the_users_is_left_to_mongrel2(
+        run_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert "[env:mongrel2]" not in circus_ini(settings, run_dir / "config.sqlite")
+    mongrel2 = watchers(load(run_dir, settings))["mongrel2"]
+    assert mongrel2["env"]["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+
+
 def test_workers_watcher(run_dir: Path, settings: Settings) -> None:
     workers = watchers(load(run_dir, settings))["workers"]
     assert settings_from_cmd(workers["cmd"], "worker") == settings
@@ -133,8 +151,8 @@ def test_direct_mode_has_no_dispatcher(run_dir: Path) -> None:
     assert set(watchers(config)) == {"circusd-stats", "mongrel2", "workers"}
 
 
-def test_no_env_section_without_env(run_dir: Path) -> None:
-    assert "[env:" not in circus_ini(resolved(run_dir), run_dir / "config.sqlite")
+def test_no_workers_env_section_without_env(run_dir: Path) -> None:
+    assert "[env:workers]" not in circus_ini(resolved(run_dir), run_dir / "config.sqlite")
 
 
 def test_a_name_given_twice_in_env_keeps_the_last_value(run_dir: Path) -> None:

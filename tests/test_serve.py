@@ -35,6 +35,7 @@ from typing import Iterator, Optional
 import psutil
 import pytest
 
+from circus_wsgi.memory import glibc_tunables
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
 from harness import TESTS_DIR, HTTPClient, Process, Reply, free_port, python_env, wait_for
@@ -349,6 +350,16 @@ def test_circusctl_lists_the_watchers_and_their_processes(served: Serve) -> None
     workers = served.pids("workers")
     assert len(workers) == 2
     assert all("worker" in psutil.Process(pid).cmdline() for pid in workers)
+
+
+def test_mongrel2_runs_with_the_malloc_tuning(served: Serve) -> None:
+    [mongrel2] = served.pids("mongrel2")
+    # a GLIBC_TUNABLES the tests run with is serve's too, and left as it is
+    expected = os.environ.get("GLIBC_TUNABLES", glibc_tunables())
+    found = psutil.Process(mongrel2).environ()["GLIBC_TUNABLES"]
+    # glibc 2.36 ends the value in /proc/PID/environ after the first tunable once it has
+    # read them all (the process's own copy stays whole)
+    assert found == expected or expected.startswith(found + ":")
 
 
 def test_circusctl_stats_shows_cpu_and_memory_per_worker(served: Serve) -> None:
