@@ -194,7 +194,7 @@ def circus_config(direct: bool = False) -> Callable[[int], Launch]:
         if direct:
             argv += ["--mode", "direct", "--flow-control", "false"]
         subprocess.run(argv + SERVE_ARGS, check=True, capture_output=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": _pythonpath()})
+                       env=_server_env())
         with sqlite3.connect(base / "config.sqlite") as db:
             for key, value in MONGREL2_SETTINGS.items():
                 db.execute("DELETE FROM setting WHERE key = ?", (key,))
@@ -205,9 +205,19 @@ def circus_config(direct: bool = False) -> Callable[[int], Launch]:
     return launch
 
 
-def _pythonpath() -> str:
-    """The servers' PYTHONPATH: --package-dir first, then the checkout (for the apps)."""
-    return os.pathsep.join([*PACKAGE_PATH, str(ROOT)])
+def _server_env() -> dict[str, str]:
+    """The servers' environment: PYTHONPATH is --package-dir first, then the checkout
+    (for the apps).
+
+    With --package-dir, PYTHONSAFEPATH too: ``python -m`` (circusd, the dispatcher, the
+    workers) would otherwise put its working directory, the checkout, first on
+    sys.path. The apps are still found: on PYTHONPATH, and in the chdir that
+    circus-wsgi's workers and Gunicorn put on sys.path themselves.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*PACKAGE_PATH, str(ROOT)])}
+    if PACKAGE_PATH:
+        env["PYTHONSAFEPATH"] = "1"
+    return env
 
 
 STATIC_FILES = {"hello.txt": b"Hello, World!", "big.bin": b"x" * (100 * 1024)}
@@ -315,11 +325,10 @@ class Running:
         self.launch = server.launch(self.port)
         self.log_path = logs / f"{server.name}-{self.port}.log"
         self.log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONPATH": _pythonpath()}
         self.process = subprocess.Popen(
-            self.launch.argv, cwd=self.launch.cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent)
+            self.launch.argv, cwd=self.launch.cwd, env=_server_env(),
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent)
         self.root = psutil.Process(self.process.pid)
         self.seen: dict[tuple[int, float], psutil.Process] = {}
         self.leftovers: list[str] = []
