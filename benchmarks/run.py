@@ -123,11 +123,13 @@ class Server:
 
 
 def _circus_group(proc: psutil.Process, root: int) -> str:
+    if proc.pid == root:
+        return "manager"
     cmdline = " ".join(proc.cmdline())
     if "circus_wsgi dispatcher" in cmdline:
         return "dispatcher"
-    if "circus_wsgi worker" in cmdline:
-        return "workers"
+    if "circus_wsgi worker" in cmdline or "benchmarks.nullhandler " in cmdline:
+        return "workers"  # the null handlers' processes: see nullhandler.py
     if proc.name() == "mongrel2":
         return "mongrel2"
     return "manager"  # serve, circusd, circusd-stats, the flapping plugin
@@ -220,6 +222,12 @@ def _server_env() -> dict[str, str]:
     return env
 
 
+def nullhandler(*args: str) -> Callable[[int], Launch]:
+    def launch(port: int) -> Launch:
+        return Launch([sys.executable, "-m", "benchmarks.nullhandler", str(port), *args])
+    return launch
+
+
 STATIC_FILES = {"hello.txt": b"Hello, World!", "big.bin": b"x" * (100 * 1024)}
 
 
@@ -255,6 +263,18 @@ SERVERS = (
            _circus_group, python_side=("dispatcher", "workers")),
     Server("granian", "Granian WSGI", granian, _master_and_workers),
     Server("waitress", "Waitress 1x4 threads", waitress, _single("workers")),
+    Server("m2-null-dispatcher", "dispatcher + null workers (ceiling)",
+           nullhandler("--dispatcher"), _circus_group, scenarios=("hello", "hello-close"),
+           python_side=("dispatcher", "workers"),
+           note="``python -m benchmarks.nullhandler PORT --dispatcher``: circus-wsgi's "
+           "dispatcher and mongrel2 (flow control on, as circus-wsgi runs them) with two "
+           "workers that answer without WSGI: what circus-wsgi would reach if its workers "
+           "cost nothing."),
+    Server("m2-null", "mongrel2 + null handlers (ceiling)", nullhandler(), _circus_group,
+           scenarios=("hello", "hello-close"),
+           note="``python -m benchmarks.nullhandler PORT``: mongrel2 (flow control off) and "
+           "two Python processes that answer with one recv and one send: no design with "
+           "Python behind mongrel2 is faster."),
     Server("m2-static", "mongrel2 static file (ceiling)", mongrel2_static, _single("mongrel2"),
            scenarios=("hello", "hello-close", "big"),
            paths={"hello": "/static/hello.txt", "hello-close": "/static/hello.txt",
@@ -1074,7 +1094,7 @@ def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Pa
             names.append(server.title)
             values.append(cell["p99_ms"] if scenario.client == "slowmix" else cell["rps"])
             colors.append("tab:red" if server.name.startswith("circus")
-                          else "tab:gray" if server.name == "m2-static" else "tab:blue")
+                          else "tab:gray" if server.name.startswith("m2-") else "tab:blue")
         ax.barh(names[::-1], values[::-1], color=colors[::-1])
         ax.set_title(scenario.title, fontsize=10)
         ax.set_xlabel("fast requests' p99 latency, ms (lower is better)"
