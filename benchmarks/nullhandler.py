@@ -41,8 +41,8 @@ CLOSING = HEAD + b"Connection: close\r\n\r\nHello, World!"
 #: How ``Connection: close`` reads in a tnetstring header dict (wrk sends it lower-case
 #: and mongrel2 lower-cases header names).
 CLOSE_HEADER = b"10:connection,5:close,"
-#: mongrel2's own notices (credits, disconnect) end like this; they get no answer.
-NOTICE_END = b"},"
+#: The path of mongrel2's own notices (credits, disconnect): they get no answer.
+NOTICE_PATH = b"@*"
 
 
 def answers(sender: bytes, conn: bytes, raw: bytes) -> list[bytes]:
@@ -64,8 +64,8 @@ def handle(send_spec: str, recv_spec: str) -> None:
     recv, send = requests.recv, out.send
     while True:
         raw = recv()
-        if not raw.endswith(NOTICE_END):
-            sender, conn, _ = raw.split(b" ", 2)
+        sender, conn, path, _ = raw.split(b" ", 3)
+        if path != NOTICE_PATH:
             for message in answers(sender, conn, raw):
                 send(message)
 
