@@ -18,16 +18,19 @@ Both stop on SIGTERM or SIGINT and remove their files.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import zmq
 
 from circus_wsgi import dispatch_protocol as dp
+from circus_wsgi import framing
 from circus_wsgi.mongrel2 import MONGREL2_WORKING_DIR, write_mongrel2_config
 from circus_wsgi.protocol import close, response
 from circus_wsgi.rundir import RunDir
@@ -70,22 +73,24 @@ def handle(send_spec: str, recv_spec: str) -> None:
                 send(message)
 
 
-def work(endpoint: str) -> None:
+def work(path: str) -> None:
     """A worker of the dispatcher that costs nothing: each REQUEST batch gets one OUTPUT."""
-    socket = zmq.Context().socket(zmq.DEALER)
-    socket.connect(endpoint)
-    dp.send_frames(socket, (dp.READY, b"%d" % os.getpid(), b"1", b"1"))
-    while True:
-        frames = socket.recv_multipart()
-        if frames[0] != dp.REQUEST:
-            continue
-        done, messages = [], []
-        for raw in frames[2:]:
-            sender, conn, _ = raw.split(b" ", 2)
-            done.append(conn)
-            messages += answers(sender, conn, raw)
-        if done:
-            dp.send_frames(socket, (dp.OUTPUT, b" ".join(done), b"", *messages))
+    while (link := framing.connect(path)) is None:
+        time.sleep(0.05)
+    link.send((dp.READY, b"%d" % os.getpid(), b"1", b"1"))
+    while not link.closed:
+        select.select([link.sock], [], [])
+        for frames in link.receive():
+            if frames[0] != dp.REQUEST:
+                continue
+            done, messages = [], []
+            for raw in frames[2:]:
+                sender, conn, _ = raw.split(b" ", 2)
+                done.append(conn)
+                messages += answers(sender, conn, raw)
+            if done:
+                link.send((dp.OUTPUT, b" ".join(done), b"", *messages))
+        link.drain(timeout=5.0)
 
 
 def main(port: int, dispatcher: bool) -> int:

@@ -1,6 +1,8 @@
-"""The protocol between the dispatcher (ZeroMQ ROUTER) and the workers (DEALER).
+"""The protocol between the dispatcher and the workers.
 
-Every message is multipart; its first frame is one command byte. The dispatcher
+Each worker has one connection to the dispatcher's Unix stream socket in the
+run directory, carrying :mod:`circus_wsgi.framing` messages: lists of frames,
+the first frame one command byte. The dispatcher
 never changes a mongrel2 message: requests go to a worker as mongrel2 sent them,
 and a worker's frames are mongrel2 response messages the dispatcher forwards to
 mongrel2 as they are. So each side parses only what it needs.
@@ -9,10 +11,10 @@ Worker -> dispatcher:
 
 ``READY pid free threads``
     I am here, process ``pid``, running ``threads`` requests at once, with
-    ``free`` of them idle (its threads minus the requests it holds). Sent at start, and again whenever the worker
-    has heard nothing from the dispatcher for :data:`SILENCE_LIMIT` seconds (the
-    dispatcher was restarted and does not know it). Always replaces what the
-    dispatcher believed.
+    ``free`` of them idle (its threads minus the requests it holds). Sent first
+    on every connection (a worker connects again when the dispatcher restarts),
+    and again whenever the worker has heard nothing from the dispatcher for
+    :data:`SILENCE_LIMIT` seconds. Always replaces what the dispatcher believed.
 ``OUTPUT done started m2msg...``
     Forward these mongrel2 response messages, in order (the close message
     included where a connection must close). ``done`` is the space-separated
@@ -49,19 +51,12 @@ Dispatcher -> worker:
 ``BYE``
     Answer to LEAVING: nothing more will be sent to this worker.
 
-Every frame is sent with plain ``send``/``SNDMORE`` calls and read with
-``recv_multipart`` without zero-copy frames: for messages of a few hundred
-bytes that costs a fraction of pyzmq's zero-copy path.
-
-The dispatcher learns that a local worker died from a pidfd on its ``pid``
-(readable the moment the process exits), not from missed heartbeats.
+The dispatcher learns that a worker died from the end of its connection
+(every message it sent has been read by then), or from a pidfd on its ``pid``
+if a child process it forked keeps the connection open.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
-
-import zmq
 
 # worker -> dispatcher
 READY = b"R"
@@ -81,12 +76,3 @@ HEARTBEAT_INTERVAL = 0.25
 GIVE_BACK_AFTER = 0.02
 #: Seconds of silence after which a worker announces itself again.
 SILENCE_LIMIT = 1.0
-
-
-def send_frames(socket: zmq.Socket, frames: Sequence[bytes]) -> None:
-    """Send ``frames`` as one multipart message (plain ``send`` calls: a quarter of the
-    cost of pyzmq's ``send_multipart`` for small frames)."""
-    send = socket.send
-    for frame in frames[:-1]:
-        send(frame, zmq.SNDMORE)
-    send(frames[-1])

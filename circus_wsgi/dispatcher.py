@@ -8,7 +8,8 @@ for a body over max_body_size, 502 when the worker holding a request died, 503
 when no worker takes a request within queue_timeout or the queue is full, 504
 (and the worker is killed) when a response has not started within timeout.
 
-Protocol with the workers: :mod:`circus_wsgi.dispatch_protocol`. Counters for
+Protocol with the workers: :mod:`circus_wsgi.dispatch_protocol`, one
+:mod:`circus_wsgi.framing` connection per worker. Counters for
 ``circus-wsgi status``: :mod:`circus_wsgi.dispatch_state` over a REP socket.
 With flow control, responses go out through :mod:`circus_wsgi.flowcontrol`.
 Work is done per wake-up: requests are queued as they are read, handed out
@@ -19,6 +20,8 @@ messages for mongrel2 go out together too, as the parts of one ZeroMQ message
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
 import signal
@@ -30,6 +33,7 @@ from typing import Any, Callable
 import zmq
 
 from . import dispatch_protocol as dp
+from . import framing
 from .dispatch_state import Counters, InFlight, Pending, WorkerState
 from .exits import EXIT_OK, STUCK_SIGNAL
 from .flowcontrol import Windows
@@ -70,8 +74,10 @@ class Dispatcher:
         # An XPUB, not a PUB: it reports mongrel2's subscription, and until that has
         # arrived every response sent would be dropped without a word.
         self.responses = self._socket(zmq.XPUB, connect=settings.recv_spec or run.mongrel2_recv)
-        self.workers_socket = self._socket(zmq.ROUTER, bind=run.dispatcher)
-        self.workers_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.listener = framing.listen(run.dispatcher)
+        self.links: dict[bytes, framing.FramedStream] = {}  # worker identity -> connection
+        self.link_identities: dict[int, bytes] = {}  # connection's fd -> worker identity
+        self.link_numbers = itertools.count(1)
         self.status_socket = self._socket(zmq.REP, bind=run.dispatcher_status)
         self.workers: dict[bytes, WorkerState] = {}
         self.slots: deque[bytes] = deque()  # one entry per free worker slot, oldest first
@@ -91,6 +97,9 @@ class Dispatcher:
             self.poller.register(sock, zmq.POLLIN)
         self.mongrel2_listens = False
         self.pidfds: dict[int, bytes] = {}  # pidfd -> worker identity
+        # Closed at the end of the loop's turn, so that no new file takes the number of
+        # one whose event is still to be handled in this turn.
+        self.retired: list[Callable[[], None]] = []
         self.upload_dir = os.fsencode(run.uploads)
         self.stopping = False
 
@@ -128,19 +137,22 @@ class Dispatcher:
                 if (not self.in_flight and not self.queue) or now >= deadline:
                     break
             wait = max(0.0, min(next_tick, next_beat) - now)
-            for sock, _ in self.poller.poll(wait * 1000):
+            for sock, event in self.poller.poll(wait * 1000):
                 if sock is self.requests:
                     self._drain_requests()
+                elif sock in self.link_identities:
+                    self._on_link(self.link_identities[sock], event)
                 elif sock is self.responses:
                     self._on_subscription()
-                elif sock is self.workers_socket:
-                    self._drain_workers()
+                elif sock == self.listener.fileno():
+                    self._accept_workers()
                 elif sock is self.status_socket:
                     self._answer_status()
                 elif sock == wake_r:
                     os.read(wake_r, 512)
-                else:
+                elif sock in self.pidfds:
                     self._on_worker_exit(sock)
+            self._close_retired()
             now = time.monotonic()
             self._dispatch(now)
             self._send_batches()
@@ -166,7 +178,7 @@ class Dispatcher:
         dispatcher's CPU per request down 8 %)."""
         if self.outgoing:
             outgoing, self.outgoing = self.outgoing, []
-            dp.send_frames(self.responses, outgoing)
+            _send_parts(self.responses, outgoing)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.stopping and signum != signal.SIGTERM:
@@ -179,7 +191,7 @@ class Dispatcher:
             if self.responses.recv()[:1] == b"\x01" and not self.mongrel2_listens:
                 self.mongrel2_listens = True
                 self.poller.register(self.requests, zmq.POLLIN)
-                self.poller.register(self.workers_socket, zmq.POLLIN)
+                self.poller.register(self.listener.fileno(), zmq.POLLIN)
                 log.info("mongrel2 connected")
 
     def _drain_requests(self) -> None:
@@ -187,8 +199,46 @@ class Dispatcher:
         a few hundred bytes)."""
         _drain(self.requests.recv, self._on_mongrel2)
 
-    def _drain_workers(self) -> None:
-        _drain(self.workers_socket.recv_multipart, self._on_worker)
+    def _accept_workers(self) -> None:
+        while True:
+            link = framing.accept(self.listener)
+            if link is None:
+                return
+            identity = b"%d" % next(self.link_numbers)
+            self.links[identity] = link
+            self.link_identities[link.fileno()] = identity
+            self.poller.register(link.fileno(), zmq.POLLIN)
+
+    def _on_link(self, identity: bytes, event: int) -> None:
+        """A worker's connection is readable, writable again, or closed."""
+        link = self.links[identity]
+        try:
+            if event & zmq.POLLOUT:
+                link.flush()
+                if not link.backlogged:
+                    self.poller.modify(link.fileno(), zmq.POLLIN)
+            if event & (zmq.POLLIN | zmq.POLLERR):
+                for frames in link.receive():
+                    if identity not in self.links:
+                        break  # dropped while handling the last message: the rest is moot
+                    self._on_worker(identity, frames)
+        except ValueError as error:  # not framed messages: that peer is not a worker
+            self.counters.malformed += 1
+            log.warning("malformed stream from a worker (%s): disconnecting it", error)
+        except ConnectionError:
+            pass  # closed: the link says so
+        if link.closed and identity in self.links:
+            self._drop_link(identity)
+
+    def _drop_link(self, identity: bytes) -> None:
+        """The worker's connection is gone, so is the worker (every frame it sent has
+        been read): what it held is answered now."""
+        link = self.links.pop(identity)
+        del self.link_identities[link.fileno()]
+        self.poller.unregister(link.fileno())
+        self.retired.append(link.close)
+        if identity in self.workers:
+            self._worker_gone(identity, "worker exited")
 
     # ---------------------------------------------------- from mongrel2
 
@@ -396,21 +446,29 @@ class Dispatcher:
                      batch: list[Pending] | None = None) -> None:
         """Send to one worker; if it is gone, ``batch`` (the requests being sent) goes
         back to the queue and what it held gets 502."""
+        link = self.links.get(identity)
         try:
-            dp.send_frames(self.workers_socket, (identity, *frames))
-        except zmq.ZMQError as error:  # EHOSTUNREACH: that worker is gone
+            if link is None:
+                raise ConnectionError("not connected")
+            backlogged = link.backlogged
+            link.send(frames)
+            if link.backlogged and not backlogged:  # the worker reads slower than we write
+                self.poller.modify(link.fileno(), zmq.POLLIN | zmq.POLLOUT)
+        except ConnectionError as error:
             if batch:
                 self._take_back(identity, batch)
             if identity in self.workers:
                 log.warning("worker %s unreachable (%s)", self.workers[identity].pid, error)
                 self._worker_gone(identity, "worker unreachable")
+            if link is not None:
+                self._drop_link(identity)
 
     # ------------------------------------------------------ from workers
 
-    def _on_worker(self, frames: list[bytes]) -> None:
+    def _on_worker(self, identity: bytes, frames: list[bytes]) -> None:
         """One worker message; a malformed one is logged and counted, never fatal."""
         try:
-            self._on_worker_command(frames[0], frames[1], frames)
+            self._on_worker_command(identity, frames[0], frames)
         except (IndexError, ValueError) as error:
             self.counters.malformed += 1
             log.warning("malformed message from a worker (%s): %r", error,
@@ -418,11 +476,11 @@ class Dispatcher:
 
     def _on_worker_command(self, identity: bytes, command: bytes, frames: list[bytes]) -> None:
         if command == dp.OUTPUT:
-            self._on_output(identity, frames[2].split(), frames[3].split(), frames[4:])
+            self._on_output(identity, frames[1].split(), frames[2].split(), frames[3:])
         elif command == dp.READY:
-            self._on_ready(identity, int(frames[2]), int(frames[3]), int(frames[4]))
+            self._on_ready(identity, int(frames[1]), int(frames[2]), int(frames[3]))
         elif command == dp.RETURN:
-            self._on_return(identity, frames[2:])
+            self._on_return(identity, frames[1:])
         elif command == dp.LEAVING:
             worker = self.workers.get(identity)
             if worker is not None:
@@ -520,20 +578,27 @@ class Dispatcher:
     def _on_worker_exit(self, pidfd: int) -> None:
         """The process exited: give it nothing more; :meth:`_expire` settles it."""
         identity = self.pidfds.pop(pidfd)
-        self.poller.unregister(pidfd)
-        os.close(pidfd)
+        self._retire_pidfd(pidfd)
         worker = self.workers.get(identity)
         if worker is not None:
             worker.pidfd = None
             worker.exited = time.monotonic()
 
+    def _retire_pidfd(self, pidfd: int) -> None:
+        self.poller.unregister(pidfd)
+        self.retired.append(functools.partial(os.close, pidfd))
+
+    def _close_retired(self) -> None:
+        retired, self.retired = self.retired, []
+        for close in retired:
+            close()
+
     def _worker_gone(self, identity: bytes, reason: str) -> None:
         """Answer 502 for every request the worker held; forget it."""
         worker = self.workers.pop(identity)
         if worker.pidfd is not None:
-            self.poller.unregister(worker.pidfd)
             del self.pidfds[worker.pidfd]
-            os.close(worker.pidfd)
+            self._retire_pidfd(worker.pidfd)
         held = len(worker.held)
         for conn in worker.held:
             flight = self.in_flight.pop(conn, None)
@@ -665,11 +730,26 @@ class Dispatcher:
             for message in self.windows.abandon():
                 self._to_mongrel2(message)
         self._send_outgoing()
+        self._close_retired()
         for pidfd in self.pidfds:
             os.close(pidfd)
-        for sock in (self.responses, self.workers_socket, self.status_socket):
+        for link in self.links.values():
+            link.drain(timeout=1.0)
+            link.close()
+        os.unlink(self.listener.getsockname())
+        self.listener.close()
+        for sock in (self.responses, self.status_socket):
             sock.close(linger=1000)
         log.info("dispatcher %d stopped", os.getpid())
+
+
+def _send_parts(socket: zmq.Socket, frames: list[bytes]) -> None:
+    """Send ``frames`` as one multipart message (plain ``send`` calls: a quarter of the
+    cost of pyzmq's ``send_multipart`` for small frames)."""
+    send = socket.send
+    for frame in frames[:-1]:
+        send(frame, zmq.SNDMORE)
+    send(frames[-1])
 
 
 def _drain(recv: Callable[[int], Any], handle: Callable[[Any], None]) -> None:

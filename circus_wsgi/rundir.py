@@ -37,8 +37,8 @@ class RunDir:
 
     @property
     def dispatcher(self) -> str:
-        """The dispatcher's ROUTER socket, which workers connect to."""
-        return self._ipc("dispatcher.sock")
+        """The dispatcher's Unix stream socket (a path), which workers connect to."""
+        return str(self.path / "dispatcher.sock")
 
     @property
     def dispatcher_status(self) -> str:

@@ -5,8 +5,10 @@ Owns one worker's sockets, signals, threads and draining; the HTTP is
 
 Requests come one of two ways (setting ``mode``):
 
-- ``dispatcher``: a DEALER to the dispatcher's ROUTER, speaking
-  :mod:`circus_wsgi.dispatch_protocol` (READY, OUTPUT, RETURN, LEAVING).
+- ``dispatcher``: one :mod:`circus_wsgi.framing` connection to the dispatcher,
+  speaking :mod:`circus_wsgi.dispatch_protocol` (READY, OUTPUT, RETURN,
+  LEAVING). If the dispatcher restarts, the worker connects again, announces
+  itself and sends what it had not delivered.
 - ``direct``: PULL from mongrel2's send_spec, XPUB to its recv_spec. The
   worker takes requests only once mongrel2 has subscribed to its responses
   (an XPUB sees the subscription), so no early reply is lost. mongrel2 deals
@@ -56,7 +58,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from . import dispatch_protocol as dp
-from . import exits, httpmsg, protocol
+from . import exits, framing, httpmsg, protocol
 from .accesslog import AccessLog, Entry
 from .appload import AppLoadError, load_app, load_mounts, prepare_path
 from .flowcontrol import BUDGET, UNKNOWN
@@ -78,8 +80,10 @@ STALLED = 60.0
 PROBE_AFTER = 1.0
 #: The loop wakes up at least this often (seconds) to look at its timers.
 TICK = 0.25
-#: Frames taken from the socket per wake-up before the timers are looked at.
+#: Direct mode: messages taken from mongrel2 per wake-up before the timers are looked at.
 BATCH = 64
+#: Seconds between attempts to connect to the dispatcher while it is not listening.
+RECONNECT_EVERY = 0.1
 #: Inline, responses kept for one OUTPUT go out at once when a request has run this
 #: long (seconds), so a slow request does not hold back those finished before it.
 FLUSH_AFTER = 0.001
@@ -219,53 +223,128 @@ class Outbox:
 
 
 class DispatcherLink:
-    """A DEALER to the dispatcher's ROUTER, speaking :mod:`dispatch_protocol`.
+    """The connection to the dispatcher (:mod:`framing`), speaking :mod:`dispatch_protocol`.
 
     Responses are kept until :meth:`flush`, which sends them in one OUTPUT
     message: the worker flushes when it runs out of work, before it waits, and
-    after (or :data:`FLUSH_AFTER` into) a request that takes long.
+    after (or :data:`FLUSH_AFTER` into) a request that takes long. When the
+    connection is lost (the dispatcher restarted), the messages not delivered
+    wait for :meth:`reconnect`.
     """
 
     direct = False
 
-    def __init__(self, context: zmq.Context, endpoint: str, threads: int) -> None:
-        self.socket = context.socket(zmq.DEALER)
-        for option, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 1000)):
-            self.socket.setsockopt(option, value)
-        self.socket.connect(endpoint)
+    def __init__(self, path: str, threads: int) -> None:
+        self.path = path
+        self.stream: Optional[framing.FramedStream] = None
+        self.undelivered: list[bytes] = []  # encoded messages kept while disconnected
+        self.retry_at = 0.0
         self.pid = b"%d" % os.getpid()
         self.threads = b"%d" % threads
         self.messages: list[bytes] = []
         self.done: list[bytes] = []
         self.started: list[bytes] = []
 
+    @property
+    def pollable(self) -> Optional[int]:
+        return None if self.stream is None else self.stream.fileno()
+
+    @property
+    def backlogged(self) -> bool:
+        return self.stream is not None and self.stream.backlogged
+
     def start(self, stopped: Callable[[], bool]) -> bool:
+        """Connect, waiting for the dispatcher to listen; False if stopped before."""
+        while self.stream is None:
+            self.stream = framing.connect(self.path)
+            if self.stream is None:
+                if stopped():
+                    return False
+                time.sleep(RECONNECT_EVERY)
         return True
 
+    def reconnect(self, free: Optional[int]) -> None:
+        """If disconnected, connect again: announce this worker with ``free`` idle threads
+        (None: it is stopping, and the new dispatcher need not know it), then send what
+        the last dispatcher did not get (responses to requests held across its restart)."""
+        now = time.monotonic()
+        if self.stream is not None or now < self.retry_at:
+            return
+        self.retry_at = now + RECONNECT_EVERY
+        self.stream = framing.connect(self.path)
+        if self.stream is None:
+            return
+        log.info("worker %d connected to the dispatcher again", os.getpid())
+        messages, self.undelivered = self.undelivered, []
+        if free is not None:
+            messages.insert(0, framing.encode_message(self._ready_frames(free)))
+        try:
+            self.stream.resend(messages)
+        except ConnectionError:
+            self._lost()
+
+    def receive(self) -> list[list[bytes]]:
+        if self.stream is None:
+            return []
+        try:
+            messages = self.stream.receive()
+        except ValueError as error:
+            log.error("malformed stream from the dispatcher (%s)", error)
+            messages = []
+        if self.stream.closed:
+            self._lost()
+        return messages
+
     def ready(self, free: int) -> None:
-        self.socket.send_multipart([dp.READY, self.pid, b"%d" % free, self.threads])
+        self._send(self._ready_frames(free))
+
+    def _ready_frames(self, free: int) -> tuple[bytes, ...]:
+        return (dp.READY, self.pid, b"%d" % free, self.threads)
 
     def leave(self) -> list[list[bytes]]:
-        self.socket.send(dp.LEAVING)
+        self._send((dp.LEAVING,))
         return []
 
     def give_back(self, conn_ids: list[bytes]) -> None:
         if conn_ids:
-            dp.send_frames(self.socket, (dp.RETURN, *conn_ids))
+            self._send((dp.RETURN, *conn_ids))
 
     def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
         self.messages += messages
         (self.done if done else self.started).append(conn_id)
 
     def flush(self) -> None:
-        """Send what :meth:`send` kept, as one OUTPUT message."""
+        """Send what :meth:`send` kept, as one OUTPUT message, and what waits for the
+        socket to be writable."""
         if self.done or self.started:
             frames = (dp.OUTPUT, b" ".join(self.done), b" ".join(self.started), *self.messages)
             self.messages, self.done, self.started = [], [], []
-            dp.send_frames(self.socket, frames)
+            self._send(frames)
+        elif self.backlogged:
+            try:
+                self.stream.flush()
+            except ConnectionError:
+                self._lost()
+
+    def _send(self, frames: tuple[bytes, ...]) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.send(frames)
+                return
+            except ConnectionError:
+                self._lost()
+        self.undelivered.append(framing.encode_message(frames))
+
+    def _lost(self) -> None:
+        log.warning("worker %d lost its dispatcher connection", os.getpid())
+        self.undelivered += self.stream.unsent()
+        self.stream.close()
+        self.stream = None
 
     def close(self) -> None:
-        self.socket.close()
+        if self.stream is not None:
+            self.stream.drain(timeout=1.0)
+            self.stream.close()
 
 
 class DirectLink:
@@ -281,6 +360,11 @@ class DirectLink:
         self.socket = context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.send_spec = send_spec
+        self.backlogged = False  # every message goes out in send()
+
+    @property
+    def pollable(self) -> Optional[zmq.Socket]:
+        return None if self.socket.closed else self.socket
 
     def start(self, stopped: Callable[[], bool]) -> bool:
         """Take requests once mongrel2 has subscribed; False if stopped before."""
@@ -294,14 +378,21 @@ class DirectLink:
     def ready(self, free: int) -> None:
         pass
 
-    def leave(self) -> list[list[bytes]]:
-        """Stop taking requests; return those already received."""
+    def receive(self) -> list[list[bytes]]:
+        """Up to :data:`BATCH` messages that have arrived."""
         taken = []
-        while True:
+        for _ in range(BATCH):
             try:
                 taken.append(self.socket.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+        return taken
+
+    def leave(self) -> list[list[bytes]]:
+        """Stop taking requests; return those already received."""
+        taken = []
+        while batch := self.receive():
+            taken += batch
         self.socket.close()
         return taken
 
@@ -341,8 +432,8 @@ class Worker:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.poller = zmq.Poller()
-        self.poller.register(self.link.socket, zmq.POLLIN)
         self.poller.register(self.wake_r, zmq.POLLIN)
+        self.watched: tuple[Any, int] = (None, 0)  # the link's pollable and its flags
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.active: dict[bytes, Outbox] = {}
         # Requests held but not started: inline, those that came while the application
@@ -373,7 +464,7 @@ class Worker:
             return DirectLink(self.context, send_spec, recv_spec)
         if run is None:
             raise ValueError("setting 'run_dir' is needed to find the dispatcher's socket")
-        return DispatcherLink(self.context, run.dispatcher, settings.threads)
+        return DispatcherLink(run.dispatcher, settings.threads)
 
     # -- the loop
 
@@ -414,6 +505,7 @@ class Worker:
         if self.deferred:
             self._take_frames()
             timeout = 0
+        self._watch_link()
         events = self.poller.poll(0)
         if not events and timeout:
             if self.timer_on and not self.busy:  # idle from here: no ticks while asleep
@@ -421,27 +513,31 @@ class Worker:
                 self.timer_on = False
             events = self.poller.poll(timeout * 1000)
         for item, _ in events:
-            if item is self.link.socket:
-                self._take_frames()
-            else:
+            if item == self.wake_r:
                 self._take_results()
+            else:
+                self._take_frames()
         if self.inline:
             while self.pending and not self.busy:
                 self._serve(*self.pending.popleft())
         self.link.flush()
 
+    def _watch_link(self) -> None:
+        """Poll the link's socket (a new one after a reconnection), for writing too while
+        messages wait for it."""
+        watched = (self.link.pollable, zmq.POLLIN | (zmq.POLLOUT if self.link.backlogged else 0))
+        if watched != self.watched:
+            if self.watched[0] is not None:
+                self.poller.unregister(self.watched[0])
+            if watched[0] is not None:
+                self.poller.register(*watched)
+            self.watched = watched
+
     def _take_frames(self) -> None:
-        """Handle the frames kept while giving back, then those in the socket, in order."""
+        """Handle the frames kept while giving back, then those that arrived, in order."""
         handle = self._on_link_direct if self.link.direct else self._on_link_dispatcher
-        socket, deferred = self.link.socket, self.deferred
-        for _ in range(BATCH):
-            if deferred:
-                frames = deferred.popleft()
-            else:
-                try:
-                    frames = socket.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
+        deferred, self.deferred = self.deferred, deque()
+        for frames in [*deferred, *self.link.receive()]:
             handle(frames)
 
     def _take_results(self) -> None:
@@ -456,6 +552,8 @@ class Worker:
         now = time.monotonic()
         if self.signalled and not self.stopping:
             self._begin_stop(now)
+        if not self.link.direct:
+            self.link.reconnect(None if self.stopping else max(0, self.threads - self.held))
         if not self.stopping and not self.link.direct and now - self.heard > dp.SILENCE_LIMIT:
             self.link.ready(max(0, self.threads - self.held))  # the dispatcher may not know us
             self.heard = now
@@ -497,8 +595,6 @@ class Worker:
         log.info("worker %d stopping (%s), holding %d requests", os.getpid(), self.signalled,
                  self.held)
         self.stopping, self.stopped_at = True, now
-        if self.link.direct:
-            self.poller.unregister(self.link.socket)
         for frames in self.link.leave():  # direct mode: requests already received
             self._on_link_direct(frames)
         if self.give_back:
@@ -692,29 +788,23 @@ class Worker:
         runs inline, send the responses kept, and once the request has run for
         GIVE_BACK_AFTER, return the requests not started."""
         if self.busy and not self.in_io:
-            try:
-                self.link.flush()
-                if time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
-                    self._take_back_frames()
-                    self._return_pending()
-            except zmq.ZMQError:
-                pass  # the context is closing: the process is leaving anyway
+            self.link.flush()
+            if time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
+                self._take_back_frames()
+                self._return_pending()
 
     def _take_back_frames(self) -> None:
         """Return the requests waiting in the socket; keep its other frames for the loop."""
         conn_ids = []
-        while True:
-            try:
-                frames = self.link.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if frames[0] != dp.REQUEST:
-                self.deferred.append(frames)
-                continue
-            for raw in frames[2:]:
-                fields = raw.split(b" ", 2)
-                if len(fields) == 3 and fields[1].isdigit():
-                    conn_ids.append(fields[1])
+        while messages := self.link.receive():
+            for frames in messages:
+                if frames[0] != dp.REQUEST:
+                    self.deferred.append(frames)
+                    continue
+                for raw in frames[2:]:
+                    fields = raw.split(b" ", 2)
+                    if len(fields) == 3 and fields[1].isdigit():
+                        conn_ids.append(fields[1])
         self.link.give_back(conn_ids)
         self.returned += len(conn_ids)
 

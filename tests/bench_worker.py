@@ -2,9 +2,9 @@
 
 1. in-process: the Python cost alone — parse, environ, app, framing, the
    response message — with the socket replaced by a list (no zmq, no syscalls).
-2. worker process, fake dispatcher: a ROUTER here keeps N requests in flight to
-   a real worker process; the worker's CPU time (user + system, all its threads,
-   zmq's included) per request.
+2. worker process, fake dispatcher: a listener here keeps N requests in flight to
+   a real worker process; the worker's CPU time (user + system, all its threads)
+   per request.
 3. worker process in direct mode behind the real mongrel2, loaded by wrk: CPU
    per request of the worker and of mongrel2.
 """
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import psutil
-import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,6 +29,7 @@ from circus_wsgi.accesslog import AccessLog  # noqa: E402
 from circus_wsgi.rundir import RunDir  # noqa: E402
 from circus_wsgi.settings import Settings  # noqa: E402
 from circus_wsgi.worker import Worker, build_router  # noqa: E402
+from framed_peer import FramedListener  # noqa: E402
 from harness import TESTS_DIR, Stack, circus_wsgi  # noqa: E402
 from test_worker_dispatcher import m2_request  # noqa: E402
 
@@ -83,29 +83,28 @@ def fake_dispatcher(count: int, batch: int) -> tuple[float, float]:
     REQUEST message and answering with one OUTPUT per batch (prefetch ``batch - 1``)."""
     run_dir = Path(tempfile.mkdtemp(prefix="cw-b-", dir="/tmp"))
     RunDir(run_dir).create()
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.bind(RunDir(run_dir).dispatcher)
+    listener = FramedListener(RunDir(run_dir).dispatcher)
     settings = Settings(app="worker_apps:hello", chdir=str(TESTS_DIR), run_dir=str(run_dir),
                         access_log="", prefetch=batch - 1)
     worker = circus_wsgi("worker", settings, run_dir / "worker.log")
+    link = listener.accept(10)
     try:
-        identity, command, *_ = router.recv_multipart()
+        command, *_ = link.recv_multipart()
         assert command == dp.READY
         requests = [m2_request(b"%d" % conn, b"/", user_agent=b"bench", accept=b"*/*")
                     for conn in range(batch)]
 
         def run(number: int) -> None:
             done = 0
-            router.send_multipart([identity, dp.REQUEST, b"", *requests])
+            link.send_multipart([dp.REQUEST, b"", *requests])
             while done < number:
-                frames = router.recv_multipart()
-                if frames[1] != dp.OUTPUT:
+                frames = link.recv_multipart()
+                if frames[0] != dp.OUTPUT:
                     continue
-                finished = len(frames[2].split())
+                finished = len(frames[1].split())
                 done += finished
                 if done + batch <= number and finished:
-                    router.send_multipart([identity, dp.REQUEST, b"", *requests[:finished]])
+                    link.send_multipart([dp.REQUEST, b"", *requests[:finished]])
 
         run(2000)
         process = psutil.Process(worker.pid)
@@ -116,8 +115,8 @@ def fake_dispatcher(count: int, batch: int) -> tuple[float, float]:
                 (after.system - before.system) / count * 1e6)
     finally:
         worker.stop(5)
-        router.close(0)
-        context.term()
+        link.close()
+        listener.close()
         shutil.rmtree(run_dir)
 
 

@@ -1,7 +1,7 @@
 """The dispatcher process on its own: scripted mongrel2 and worker peers, exact checks.
 
 The real dispatcher runs as a subprocess; the test plays mongrel2 (a PUSH and a
-SUB socket bound where mongrel2 binds them) and the workers (DEALER sockets
+SUB socket bound where mongrel2 binds them) and the workers (framing connections
 speaking dispatch_protocol), so every routing rule is checked message by
 message. The stack with the real mongrel2 and workers is in
 test_dispatcher_stack.py.
@@ -28,6 +28,7 @@ from circus_wsgi.protocol import parse
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
+from framed_peer import FramedPeer
 
 SENDER = b"f400bf85-4538-4f7a-8908-67e313d515c2"
 WAIT_MS = 3000
@@ -96,14 +97,13 @@ class Mongrel2Peer:
 
 
 class WorkerPeer:
-    """Plays one worker: a DEALER that announces a pid and free slots."""
+    """Plays one worker: a connection that announces a pid and free slots."""
 
-    def __init__(self, context: zmq.Context, run: RunDir, pid: int, free: int = 1) -> None:
+    def __init__(self, run: RunDir, pid: int, free: int = 1) -> None:
         self.pid = pid
         self.inbox: list[list[bytes]] = []  # the rest of a REQUEST that carried several
         self.windows: dict[bytes, int] = {}  # conn_id -> window left, as last handed over
-        self.sock = context.socket(zmq.DEALER)
-        self.sock.connect(run.dispatcher)
+        self.sock = FramedPeer.connect(run.dispatcher)
         self.sock.send_multipart([dp.READY, str(pid).encode(), str(free).encode(),
                                   str(free).encode()])
 
@@ -158,18 +158,19 @@ def stack(run_dir: Path, request):
     process = subprocess.Popen([sys.executable, "-m", "circus_wsgi", "dispatcher",
                                 *settings.to_argv()])
     deadline = time.monotonic() + 10
-    while not os.path.exists(run.dispatcher[len("ipc://"):]):
+    while not os.path.exists(run.dispatcher):
         assert time.monotonic() < deadline and process.poll() is None, "dispatcher did not start"
         time.sleep(0.02)
     mongrel2.attend(0.2)
-    helpers = []
+    helpers, peers = [], []
 
     def worker(free: int = 1, pid: int | None = None) -> WorkerPeer:
         if pid is None:
             helper = subprocess.Popen(["sleep", "60"])
             helpers.append(helper)
             pid = helper.pid
-        peer = WorkerPeer(context, run, pid, free)
+        peer = WorkerPeer(run, pid, free)
+        peers.append(peer)
         time.sleep(0.1)  # READY is taken before the next request
         return peer
 
@@ -182,6 +183,8 @@ def stack(run_dir: Path, request):
         for helper in helpers:
             helper.kill()
             helper.wait()
+        for peer in peers:
+            peer.sock.close()
         context.destroy(linger=0)
 
 
@@ -283,6 +286,32 @@ def test_a_worker_that_dies_holding_a_request_gives_502_at_once(stack):
     helpers[0].kill()
     assert mongrel2.receive_error(1) == b"HTTP/1.1 502 Bad Gateway"
     assert time.monotonic() - started < 1.0
+
+
+def test_a_worker_whose_connection_ends_is_gone_and_what_it_held_gets_502(stack):
+    mongrel2, worker, process, settings, helpers = stack
+    peer = worker()  # its process lives on: only the connection tells
+    mongrel2.send(request_bytes(1))
+    assert peer.take() == b"1"
+    peer.sock.close()
+    assert mongrel2.receive_error(1) == b"HTTP/1.1 502 Bad Gateway"
+    assert read_status(settings)["workers"] == {}
+    mongrel2.send(request_bytes(2))  # nobody to take it: it waits, then 503
+    assert mongrel2.receive_error(2).startswith(b"HTTP/1.1 503")
+
+
+def test_a_worker_gone_by_both_signs_at_once_is_answered_for_once(stack):
+    """Its connection ends and its pidfd turns readable, often in one wake-up."""
+    mongrel2, worker, process, settings, helpers = stack
+    for conn in range(1, 6):
+        peer = worker()
+        mongrel2.send(request_bytes(conn))
+        assert peer.take() == b"%d" % conn
+        helpers[-1].kill()
+        peer.sock.close()
+        assert mongrel2.receive_error(conn) == b"HTTP/1.1 502 Bad Gateway"
+        assert mongrel2.silent(200) and process.poll() is None
+        helpers[-1].wait()
 
 
 def test_a_stuck_request_gives_504_and_the_worker_is_killed(stack):
@@ -432,15 +461,14 @@ def test_a_returned_request_goes_to_the_next_worker_first(stack):
 def test_a_malformed_worker_message_is_counted_and_changes_nothing(stack):
     mongrel2, worker, process, settings, _ = stack
     broken = WorkerPeer.__new__(WorkerPeer)
-    broken.sock = zmq.Context.instance().socket(zmq.DEALER)
-    broken.sock.connect(RunDir(Path(settings.run_dir)).dispatcher)
+    broken.sock = FramedPeer.connect(RunDir(Path(settings.run_dir)).dispatcher)
     broken.sock.send_multipart([dp.READY, b"not-a-pid"])
     broken.sock.send_multipart([dp.OUTPUT])
     good = worker()
     mongrel2.send(request_bytes(1))
     assert good.take() == b"1" and process.poll() is None
     assert read_status(settings)["malformed"] == 2
-    broken.sock.close(linger=0)
+    broken.sock.close()
 
 
 # ------------------------------------------------------------------ batching

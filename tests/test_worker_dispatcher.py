@@ -1,4 +1,4 @@
-"""The worker's side of dispatch_protocol, against a fake dispatcher (a ROUTER in the test).
+"""The worker's side of dispatch_protocol, against a fake dispatcher (a listener in the test).
 
 The fake is a test double of our own dispatcher: it checks that a real worker
 process speaks the protocol exactly (READY, OUTPUT, RETURN, LEAVING) and keeps to
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import tnetstring
-import zmq
 
 from circus_wsgi import dispatch_protocol as dp
 from circus_wsgi import protocol
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings
+from framed_peer import FramedListener, FramedPeer
 from harness import TESTS_DIR, circus_wsgi
 
 pytestmark = pytest.mark.timeout(60)
@@ -79,24 +79,34 @@ def output_events(frames: list[bytes]) -> list[list[bytes]]:
 
 
 class FakeDispatcher:
-    """A ROUTER bound where the worker looks for the dispatcher."""
+    """Listens where the worker looks for the dispatcher; talks to the last worker that
+    connected."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.context = zmq.Context()
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.linger = 0
-        self.router.bind(RunDir(run_dir).dispatcher)
-        self.identity = b""
+        self.listener = FramedListener(RunDir(run_dir).dispatcher)
+        self.worker: FramedPeer | None = None
         self.events: list[list[bytes]] = []  # the rest of an OUTPUT already received
+
+    def poll(self, timeout: float) -> bool:
+        """True once the worker's next message is there (accepting its connection first)."""
+        deadline = time.monotonic() + timeout
+        while self.worker is None or self.worker.stream.closed:
+            self.worker = self.listener.accept(deadline - time.monotonic())
+            if self.worker is None:
+                return False
+        return self.worker.poll(max(0.0, deadline - time.monotonic()) * 1000)
+
+    def raw(self, timeout: float = 10.0) -> list[bytes]:
+        """The worker's next message as it came."""
+        if not self.poll(timeout):
+            raise AssertionError(f"nothing from the worker in {timeout}s")
+        return self.worker.recv_multipart()
 
     def recv(self, timeout: float = 10.0) -> list[bytes]:
         """The next message, an OUTPUT taken apart into :func:`output_events`."""
         if self.events:
             return self.events.pop(0)
-        if not self.router.poll(timeout * 1000):
-            raise AssertionError(f"nothing from the worker in {timeout}s")
-        identity, *frames = self.router.recv_multipart()
-        self.identity = identity
+        frames = self.raw(timeout)
         if frames[0] == dp.OUTPUT:
             self.events = output_events(frames)
             return self.events.pop(0)
@@ -110,10 +120,10 @@ class FakeDispatcher:
             assert frames[0] in skip, f"expected {command!r}, got {frames[:3]!r}"
 
     def quiet(self, seconds: float) -> bool:
-        return not self.events and not self.router.poll(seconds * 1000)
+        return not self.events and not self.poll(seconds)
 
     def send(self, *frames: bytes) -> None:
-        self.router.send_multipart([self.identity, *frames])
+        self.worker.send_multipart(frames)
 
     def request(self, *args, window: int = WINDOW, **kwargs) -> None:
         """Hand over one request, telling the worker its connection's ``window`` left."""
@@ -139,8 +149,16 @@ class FakeDispatcher:
             assert frames[0] == dp.READY
 
     def close(self) -> None:
-        self.router.close()
-        self.context.term()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        self.listener.close()
+
+    def restart(self) -> None:
+        """Go away and listen again, as a dispatcher that circus restarted."""
+        self.close()
+        self.events = []
+        self.listener = FramedListener(self.listener.path)
 
 
 @pytest.fixture
@@ -263,6 +281,18 @@ def test_silence_makes_the_worker_announce_itself_again(fake, start_worker):
     while time.monotonic() < deadline:
         fake.send(dp.HEARTBEAT)
         assert fake.quiet(dp.HEARTBEAT_INTERVAL), "no READY while the dispatcher is heard"
+
+
+def test_a_restarted_dispatcher_gets_the_worker_and_the_responses_it_held(fake, start_worker):
+    worker = start_worker(threads=2)
+    fake.request(b"13", b"/slow?s=0.5")
+    time.sleep(0.1)
+    fake.restart()  # while the worker runs the request
+    frames = fake.expect(dp.READY, timeout=2, skip=())  # at once, not after SILENCE_LIMIT
+    assert frames[1] == b"%d" % worker.pid
+    assert fake.expect(DONE, timeout=2)[1] == b"13"
+    fake.request(b"14", b"/hello")  # and it serves the new dispatcher
+    assert fake.expect(DONE)[1] == b"14"
 
 
 def test_sigterm_leaves_finishes_and_exits(fake, start_worker):
@@ -441,9 +471,9 @@ def test_requests_in_one_message_are_answered_in_one_output(fake, start_worker):
     start_worker(prefetch=3)
     conns = [b"60", b"61", b"62", b"63"]
     fake.send(dp.REQUEST, b"", *[m2_request(conn, b"/hello") for conn in conns])
-    frames = fake.router.recv_multipart()[1:]
+    frames = fake.raw()
     while frames[0] == dp.READY:
-        frames = fake.router.recv_multipart()[1:]
+        frames = fake.raw()
     assert frames[0] == dp.OUTPUT
     assert frames[1].split() == conns and frames[2] == b""
     assert [payload(m).split(b"\r\n\r\n", 1)[1] for m in frames[3:]] == [b"Hello, World!"] * 4
