@@ -31,6 +31,7 @@ import zmq
 
 from circus_wsgi import dispatch_protocol as dp
 from circus_wsgi import framing
+from circus_wsgi.memory import tune_malloc
 from circus_wsgi.mongrel2 import MONGREL2_WORKING_DIR, write_mongrel2_config
 from circus_wsgi.protocol import close, response
 from circus_wsgi.rundir import RunDir
@@ -75,6 +76,7 @@ def handle(send_spec: str, recv_spec: str) -> None:
 
 def work(path: str) -> None:
     """A worker of the dispatcher that costs nothing: each REQUEST batch gets one OUTPUT."""
+    tune_malloc()  # as the real workers do
     while (link := framing.connect(path)) is None:
         time.sleep(0.05)
     link.send((dp.READY, b"%d" % os.getpid(), b"1", b"1"))

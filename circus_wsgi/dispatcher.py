@@ -24,6 +24,7 @@ import functools
 import itertools
 import logging
 import os
+import select
 import signal
 import time
 from collections import deque
@@ -92,9 +93,17 @@ class Dispatcher:
         self.uploads: dict[bytes, bytes] = {}  # conn_id -> temp file still being uploaded
         self.refused: dict[bytes, float] = {}  # conn_id -> until when its requests are dropped
         self.counters = Counters()
-        self.poller = zmq.Poller()
-        for sock in (self.responses, self.status_socket):  # the rest once mongrel2 listens
-            self.poller.register(sock, zmq.POLLIN)
+        # Every socket is polled by its file descriptor, ZeroMQ's too (their ZMQ_FD): a
+        # zmq_poll over ZeroMQ sockets costs several system calls per socket per call.
+        # A ZeroMQ socket's descriptor turns readable when its state may have changed;
+        # each handler below takes what is there, which resets it.
+        self.poller = select.poll()
+        self.requests_fd = self.requests.getsockopt(zmq.FD)
+        self.more_requests = False  # the last drain stopped at BATCH: more are waiting
+        self.responses_fd = self.responses.getsockopt(zmq.FD)
+        self.status_fd = self.status_socket.getsockopt(zmq.FD)
+        for fd in (self.responses_fd, self.status_fd):  # the rest once mongrel2 listens
+            self.poller.register(fd, select.POLLIN)
         self.mongrel2_listens = False
         self.pidfds: dict[int, bytes] = {}  # pidfd -> worker identity
         # Closed at the end of the loop's turn, so that no new file takes the number of
@@ -126,7 +135,7 @@ class Dispatcher:
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_signal)
-        self.poller.register(wake_r, zmq.POLLIN)
+        self.poller.register(wake_r, select.POLLIN)
         log.info("dispatcher %d ready: %s", os.getpid(), self.settings.run_dir)
         next_tick = next_beat = time.monotonic()
         deadline = None
@@ -136,22 +145,24 @@ class Dispatcher:
                 deadline = deadline or self._begin_stop(now)
                 if (not self.in_flight and not self.queue) or now >= deadline:
                     break
-            wait = max(0.0, min(next_tick, next_beat) - now)
-            for sock, event in self.poller.poll(wait * 1000):
-                if sock is self.requests:
+            wait = 0 if self.more_requests else max(0.0, min(next_tick, next_beat) - now)
+            for fd, event in self.poller.poll(wait * 1000):
+                if fd == self.requests_fd:
                     self._drain_requests()
-                elif sock in self.link_identities:
-                    self._on_link(self.link_identities[sock], event)
-                elif sock is self.responses:
+                elif fd in self.link_identities:
+                    self._on_link(self.link_identities[fd], event)
+                elif fd == self.responses_fd:
                     self._on_subscription()
-                elif sock == self.listener.fileno():
+                elif fd == self.listener.fileno():
                     self._accept_workers()
-                elif sock is self.status_socket:
+                elif fd == self.status_fd:
                     self._answer_status()
-                elif sock == wake_r:
+                elif fd == wake_r:
                     os.read(wake_r, 512)
-                elif sock in self.pidfds:
-                    self._on_worker_exit(sock)
+                elif fd in self.pidfds:
+                    self._on_worker_exit(fd)
+            if self.more_requests:
+                self._drain_requests()
             self._close_retired()
             now = time.monotonic()
             self._dispatch(now)
@@ -187,17 +198,17 @@ class Dispatcher:
 
     def _on_subscription(self) -> None:
         """mongrel2's SUB socket (re)connected: responses reach it from now on."""
-        while self.responses.poll(0):
+        while _readable(self.responses):
             if self.responses.recv()[:1] == b"\x01" and not self.mongrel2_listens:
                 self.mongrel2_listens = True
-                self.poller.register(self.requests, zmq.POLLIN)
-                self.poller.register(self.listener.fileno(), zmq.POLLIN)
+                self.poller.register(self.requests_fd, select.POLLIN)
+                self.poller.register(self.listener.fileno(), select.POLLIN)
                 log.info("mongrel2 connected")
 
     def _drain_requests(self) -> None:
         """mongrel2's messages: one frame each, copied (cheaper than a zero-copy frame at
         a few hundred bytes)."""
-        _drain(self.requests.recv, self._on_mongrel2)
+        self.more_requests = _drain(self.requests.recv, self._on_mongrel2)
 
     def _accept_workers(self) -> None:
         while True:
@@ -207,17 +218,17 @@ class Dispatcher:
             identity = b"%d" % next(self.link_numbers)
             self.links[identity] = link
             self.link_identities[link.fileno()] = identity
-            self.poller.register(link.fileno(), zmq.POLLIN)
+            self.poller.register(link.fileno(), select.POLLIN)
 
     def _on_link(self, identity: bytes, event: int) -> None:
         """A worker's connection is readable, writable again, or closed."""
         link = self.links[identity]
         try:
-            if event & zmq.POLLOUT:
+            if event & select.POLLOUT:
                 link.flush()
                 if not link.backlogged:
-                    self.poller.modify(link.fileno(), zmq.POLLIN)
-            if event & (zmq.POLLIN | zmq.POLLERR):
+                    self.poller.modify(link.fileno(), select.POLLIN)
+            if event & (select.POLLIN | select.POLLERR | select.POLLHUP):
                 for frames in link.receive():
                     if identity not in self.links:
                         break  # dropped while handling the last message: the rest is moot
@@ -453,7 +464,7 @@ class Dispatcher:
             backlogged = link.backlogged
             link.send(frames)
             if link.backlogged and not backlogged:  # the worker reads slower than we write
-                self.poller.modify(link.fileno(), zmq.POLLIN | zmq.POLLOUT)
+                self.poller.modify(link.fileno(), select.POLLIN | select.POLLOUT)
         except ConnectionError as error:
             if batch:
                 self._take_back(identity, batch)
@@ -532,7 +543,7 @@ class Dispatcher:
         except OSError:
             return None
         self.pidfds[pidfd] = identity
-        self.poller.register(pidfd, zmq.POLLIN)
+        self.poller.register(pidfd, select.POLLIN)
         return pidfd
 
     def _on_done(self, identity: bytes, worker: WorkerState, conn: bytes) -> None:
@@ -590,8 +601,8 @@ class Dispatcher:
 
     def _close_retired(self) -> None:
         retired, self.retired = self.retired, []
-        for close in retired:
-            close()
+        for release in retired:
+            release()
 
     def _worker_gone(self, identity: bytes, reason: str) -> None:
         """Answer 502 for every request the worker held; forget it."""
@@ -700,9 +711,10 @@ class Dispatcher:
                 pass
 
     def _answer_status(self) -> None:
-        self.status_socket.recv()
-        self.status_socket.send_json(self.counters.snapshot(self.queue, self.workers,
-                                                            self.in_flight))
+        while _readable(self.status_socket):  # one may have come in while answering
+            self.status_socket.recv()
+            self.status_socket.send_json(self.counters.snapshot(self.queue, self.workers,
+                                                                self.in_flight))
 
     # ------------------------------------------------------ stopping
 
@@ -712,9 +724,10 @@ class Dispatcher:
         log.info("dispatcher stopping: %d queued, %d in flight", len(self.queue),
                  len(self.in_flight))
         if self.mongrel2_listens:
-            while self.requests.poll(0):  # closing drops what is unread
+            while _readable(self.requests):  # closing drops what is unread
                 self._drain_requests()
-            self.poller.unregister(self.requests)
+            self.poller.unregister(self.requests_fd)
+            self.more_requests = False
         self.requests.close(linger=0)
         return now + min(self.settings.graceful_timeout, 10.0)
 
@@ -752,14 +765,20 @@ def _send_parts(socket: zmq.Socket, frames: list[bytes]) -> None:
     send(frames[-1])
 
 
-def _drain(recv: Callable[[int], Any], handle: Callable[[Any], None]) -> None:
+def _drain(recv: Callable[[int], Any], handle: Callable[[Any], None]) -> bool:
     """Handle up to :data:`BATCH` waiting messages (one exception when none is left
-    costs less than asking the socket before each)."""
+    costs less than asking the socket before each); True if more may be waiting."""
     try:
         for _ in range(BATCH):
             handle(recv(zmq.NOBLOCK))
     except zmq.Again:
-        pass
+        return False
+    return True
+
+
+def _readable(sock: zmq.Socket) -> bool:
+    """Whether a message waits in ``sock`` (asking also resets its ZMQ_FD)."""
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
 
 def run_dispatcher(settings: Settings) -> int:

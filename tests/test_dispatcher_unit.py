@@ -152,9 +152,9 @@ def stack(run_dir: Path, request):
     run = RunDir(run_dir).create()
     context = zmq.Context()
     mongrel2 = Mongrel2Peer(context, run)
-    settings = Settings(run_dir=str(run_dir), queue_timeout=1, timeout=1, max_queue=3,
+    settings = Settings(run_dir=str(run_dir), queue_timeout=1, timeout=1,
                         max_body_size=5000, content_length=1024,
-                        **{"prefetch": 0, **getattr(request, "param", {})})
+                        **{"prefetch": 0, "max_queue": 3, **getattr(request, "param", {})})
     process = subprocess.Popen([sys.executable, "-m", "circus_wsgi", "dispatcher",
                                 *settings.to_argv()])
     deadline = time.monotonic() + 10
@@ -483,6 +483,22 @@ def test_requests_waiting_together_go_to_a_worker_in_one_message(stack):
     command, windows, *frames = peer.sock.recv_multipart()
     assert command == dp.REQUEST and len(windows.split()) == 3
     assert [parse(frame).conn_id for frame in frames] == [b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize("stack", [{"max_queue": 1024}], indirect=True)
+def test_a_burst_larger_than_one_drain_is_taken_whole(stack):
+    """More requests wait than one wake-up takes (BATCH): the rest are taken at once,
+    without waiting for mongrel2 to send another."""
+    mongrel2, worker, process, *_ = stack
+    peer = worker(free=400)
+    process.send_signal(signal.SIGSTOP)
+    try:
+        for conn in range(1, 401):
+            mongrel2.send(request_bytes(conn))
+        time.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert {peer.take() for _ in range(400)} == {b"%d" % conn for conn in range(1, 401)}
 
 
 def test_one_output_finishes_several_requests_and_forwards_in_order(stack):
