@@ -746,10 +746,11 @@ class Dispatcher:
         self._close_retired()
         for pidfd in self.pidfds:
             os.close(pidfd)
+        deadline = time.monotonic() + 1.0  # for the last messages to the workers
         for link in self.links.values():
-            link.drain(timeout=1.0)
+            link.drain(timeout=deadline - time.monotonic())
             link.close()
-        os.unlink(self.listener.getsockname())
+        self._remove_file(os.fsencode(self.listener.getsockname()))
         self.listener.close()
         for sock in (self.responses, self.status_socket):
             sock.close(linger=1000)
