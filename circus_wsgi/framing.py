@@ -137,8 +137,9 @@ class FramedStream:
         if self.closed:
             raise ConnectionError("connection closed")
         buffers = encode(frames)
-        if self._waiting:  # behind messages already waiting
+        if self._waiting:  # behind messages already waiting, which go first
             self._waiting.append(b"".join(buffers))
+            self.flush()
             return
         if len(buffers) > MAX_BUFFERS:
             buffers = [b"".join(buffers)]

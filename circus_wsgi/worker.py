@@ -786,12 +786,18 @@ class Worker:
     def _on_give_back_timer(self, signum: int, frame: Any) -> None:
         """SIGALRM every FLUSH_AFTER while the worker has work: while the application
         runs inline, send the responses kept, and once the request has run for
-        GIVE_BACK_AFTER, return the requests not started."""
+        GIVE_BACK_AFTER, return the requests not started. (Python runs a handler again
+        if its signal comes back before it is done: ``in_io`` keeps a second one out of
+        the socket calls of the first.)"""
         if self.busy and not self.in_io:
-            self.link.flush()
-            if time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
-                self._take_back_frames()
-                self._return_pending()
+            self.in_io = True
+            try:
+                self.link.flush()
+                if time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
+                    self._take_back_frames()
+                    self._return_pending()
+            finally:
+                self.in_io = False
 
     def _take_back_frames(self) -> None:
         """Return the requests waiting in the socket; keep its other frames for the loop."""

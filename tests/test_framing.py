@@ -61,6 +61,21 @@ def test_what_the_kernel_does_not_take_waits_in_order_until_flush(pair):
     assert got == [[b"first", big], [b"second"]] and not writer.backlogged
 
 
+def test_each_send_also_writes_what_waits(pair):
+    """A sender that always has more to send may never call flush()."""
+    writer, reader = pair
+    big = b"z" * (4 << 20)
+    writer.send([big])
+    assert writer.backlogged
+    got: list[list[bytes]] = []
+    for sent in range(10_000):
+        got += reader.receive()
+        if got:
+            break
+        writer.send([b"more %d" % sent])
+    assert got and got[0] == [big]
+
+
 def test_the_end_of_the_stream_closes_it_and_sending_then_fails(pair):
     writer, reader = pair
     writer.send([b"last"])

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -88,3 +89,19 @@ def test_disconnect_reaches_the_worker(stack):
         assert raw.recv(65536).startswith(b"HTTP/1.1 200")
     wait_for(lambda: total_closes(stack) == before + 1, 10, 0.1,
              "close() on the endless response")
+
+
+def test_inline_workers_under_many_big_uploads_lose_nothing():
+    """Threads 1 with prefetch: while a worker runs a request, its SIGALRM timer sends
+    what it has finished; with responses of megabytes the handler can still be writing
+    when the next tick comes, and the two must not interleave on the connection."""
+    data = os.urandom(1 << 20)
+    with Stack(workers=2, app="worker_apps:rules", threads=1) as inline:
+        def echo(_: int) -> list[bool]:
+            with inline.client(timeout=20) as client:
+                return [client.request("POST", "/echo", body=data).body == data
+                        for _ in range(4)]
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            echoed = [same for batch in pool.map(echo, range(32)) for same in batch]
+        assert echoed == [True] * 128, inline.logs()[-3000:]

@@ -185,6 +185,14 @@ def pid(environ, start_response):
     return _json(start_response, {"pid": os.getpid()})
 
 
+def echo(environ, start_response):
+    """The request body, as the response body."""
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
 def empty(environ, start_response):
     start_response("200 OK", TEXT)
     return []
@@ -196,7 +204,7 @@ ROUTES = {
     "bad-status": bad_status, "fail": fail, "fail-after": fail_after,
     "exc-info": fail_then_error_page, "short": short, "long": long_body,
     "file": file_wrapper, "closes": closes, "connection-close": connection_close,
-    "slow": slow, "pid": pid, "empty": empty,
+    "slow": slow, "pid": pid, "empty": empty, "echo": echo,
 }
 
 
