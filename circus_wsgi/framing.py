@@ -48,10 +48,12 @@ def encode_message(frames: Sequence[bytes]) -> bytes:
     return b"".join(encode(frames))
 
 
-def decode(data: bytes) -> tuple[list[list[bytes]], int]:
-    """The complete messages at the start of ``data``, and how many bytes they took."""
+def decode(data: bytes | bytearray) -> tuple[list[list[bytes]], int]:
+    """The complete messages at the start of ``data``, and how many bytes they took.
+    Frames are bytes, copied once (through a memoryview if ``data`` is a bytearray)."""
     messages = []
     at, end = 0, len(data)
+    piece = data if type(data) is bytes else memoryview(data)
     while end - at >= 8:
         size, count = _HEAD.unpack_from(data, at)
         stop = at + 4 + size
@@ -62,7 +64,8 @@ def decode(data: bytes) -> tuple[list[list[bytes]], int]:
             raise ValueError(f"{count} frames do not fit in a message of {size} bytes")
         frames = []
         for length in struct.unpack_from("!%dI" % count, data, at + 8):
-            frames.append(data[position:position + length])
+            frames.append(bytes(piece[position:position + length]) if piece is not data
+                          else data[position:position + length])
             position += length
         if position != stop:
             raise ValueError(f"frame lengths {position - at - 4} do not add up to {size}")
@@ -83,8 +86,10 @@ class FramedStream:
         sock.setblocking(False)
         self.sock = sock
         self.closed = False
-        self._partial = bytearray()  # the start of a message still arriving
-        self._needed = 0  # bytes the partial message needs before it can be decoded
+        self._head = b""  # the first bytes of a message, too few to give its size
+        # A message of known size still arriving, read in place: no joining of reads.
+        self._arriving: bytearray | None = None
+        self._filled = 0
         self._waiting: deque[bytes] = deque()  # whole encoded messages not yet written
         self._written = 0  # bytes of the first waiting message already written
 
@@ -105,29 +110,46 @@ class FramedStream:
         messages."""
         if self.closed:
             return []
+        arriving = self._arriving
         try:
-            chunk = self.sock.recv(READ_SIZE)
+            if arriving is not None:  # only its own bytes: the next message stays queued
+                read = self.sock.recv_into(memoryview(arriving)[self._filled:])
+            else:
+                chunk = self.sock.recv(READ_SIZE)
+                read = len(chunk)
         except BlockingIOError:
             return []
         except ConnectionError:
-            chunk = b""
-        if not chunk:
+            read = 0
+        if not read:
             self.closed = True
             return []
-        if self._partial:
-            self._partial += chunk
-            if len(self._partial) < self._needed:
+        if arriving is not None:
+            self._filled += read
+            if self._filled < len(arriving):
                 return []
-            chunk, self._partial = bytes(self._partial), bytearray()
+            chunk, self._arriving = arriving, None
+        elif self._head:
+            chunk, self._head = self._head + chunk, b""
         try:
-            messages, used = decode(chunk)
+            return self._take(chunk)
         except ValueError:
             self.closed = True  # the peer does not speak this protocol: nothing more from it
             raise
-        if used < len(chunk):
-            self._partial = bytearray(memoryview(chunk)[used:])
-            self._needed = _SIZE.unpack_from(self._partial)[0] + 4 \
-                if len(self._partial) >= 4 else 4
+
+    def _take(self, chunk: bytes | bytearray) -> list[list[bytes]]:
+        """Decode the whole messages of ``chunk``; keep the start of the next one."""
+        messages, used = decode(chunk)
+        rest = len(chunk) - used
+        if rest >= 4:
+            size = _SIZE.unpack_from(chunk, used)[0]
+            if size < 4:
+                raise ValueError(f"a message of {size} bytes has no frame count")
+            self._arriving = bytearray(4 + size)
+            self._arriving[:rest] = memoryview(chunk)[used:]
+            self._filled = rest
+        elif rest:
+            self._head = bytes(chunk[used:])
         return messages
 
     # -- out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 
 import pytest
@@ -40,6 +41,8 @@ def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
             size = cuts[turn % len(cuts)]
             left.sendall(wire[at:at + size])
             at, turn = at + size, turn + 1
+            got += stream.receive()
+        while select.select([right], [], [], 0)[0]:  # read on while there is more to read
             got += stream.receive()
         assert got == sent
         assert all(type(frame) is bytes for frames in got for frame in frames)
