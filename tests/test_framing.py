@@ -113,6 +113,7 @@ def test_messages_not_written_whole_can_go_to_another_connection(pair):
 @pytest.mark.parametrize("wire", [
     b"\x00\x00\x00\x08\x00\x00\x00\x05" + b"\x00" * 4,  # five frame lengths in 8 bytes
     b"\x00\x00\x00\x09\x00\x00\x00\x01\x00\x00\x00\x03ab",  # lengths add up to more
+    b"\x00\x00\x00\x02\x00\x00",  # a size with no room for the frame count
 ])
 def test_bytes_that_are_not_framed_messages_are_an_error(pair, wire):
     writer, reader = pair
