@@ -501,6 +501,20 @@ def test_a_burst_larger_than_one_drain_is_taken_whole(stack):
     assert {peer.take() for _ in range(400)} == {b"%d" % conn for conn in range(1, 401)}
 
 
+@pytest.mark.parametrize("stack", [{"max_queue": 4096}], indirect=True)
+def test_what_a_worker_does_not_read_yet_waits_in_order(stack):
+    """Requests for a worker that reads slower than they come (megabytes more than its
+    socket holds) wait in the dispatcher, in order, and all reach it."""
+    mongrel2, worker, process, *_ = stack
+    peer = worker(free=3000)
+    padding = {b"x-padding": b"p" * 2000}
+    for conn in range(1, 1501):
+        mongrel2.send(request_bytes(conn, headers=padding))
+    time.sleep(1.0)  # the worker reads nothing meanwhile
+    assert [peer.take() for _ in range(1500)] == [b"%d" % conn for conn in range(1, 1501)]
+    assert process.poll() is None
+
+
 def test_one_output_finishes_several_requests_and_forwards_in_order(stack):
     mongrel2, worker, *_ = stack
     peer = worker(free=2)
