@@ -196,7 +196,7 @@ class FramedStream:
         while self._waiting and not self.closed and time.monotonic() < deadline:
             self.flush()
             if self._waiting:
-                _wait_writable(self.sock, deadline - time.monotonic())
+                select.select([], [self.sock], [], max(0.0, deadline - time.monotonic()))
 
     def unsent(self) -> list[bytes]:
         """Take the messages not yet completely written (as encoded bytes), for another
@@ -212,10 +212,6 @@ class FramedStream:
     def close(self) -> None:
         self.closed = True
         self.sock.close()
-
-
-def _wait_writable(sock: socket.socket, timeout: float) -> None:
-    select.select([], [sock], [], max(0.0, timeout))
 
 
 def listen(path: str) -> socket.socket:

@@ -267,8 +267,10 @@ class DispatcherLink:
         """If disconnected, connect again: announce this worker with ``free`` idle threads
         (None: it is stopping, and the new dispatcher need not know it), then send what
         the last dispatcher did not get (responses to requests held across its restart)."""
+        if self.stream is not None:  # the usual case, on every turn of the loop
+            return
         now = time.monotonic()
-        if self.stream is not None or now < self.retry_at:
+        if now < self.retry_at:
             return
         self.retry_at = now + RECONNECT_EVERY
         self.stream = framing.connect(self.path)
