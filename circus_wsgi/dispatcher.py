@@ -12,10 +12,13 @@ Protocol with the workers: :mod:`circus_wsgi.dispatch_protocol`, one
 :mod:`circus_wsgi.framing` connection per worker. Counters for
 ``circus-wsgi status``: :mod:`circus_wsgi.dispatch_state` over a REP socket.
 With flow control, responses go out through :mod:`circus_wsgi.flowcontrol`.
-Work is done per wake-up: requests are queued as they are read, handed out
-once the sockets are drained, and each worker's share sent in one message; the
-messages for mongrel2 go out together too, as the parts of one ZeroMQ message
-(mongrel2 reads each part as a message of its own).
+mongrel2's two handler sockets are spoken to in ZMTP by :mod:`circus_wsgi.zmtp`,
+without libzmq's I/O thread; the dispatcher connects to them again if mongrel2
+restarts. Work is done per wake-up: requests are queued as they are read (all
+that one read from mongrel2's socket brings), handed out once the sockets are
+read, and each worker's share sent in one message; the messages for mongrel2 go
+out together too, as the parts of one ZeroMQ message (mongrel2 reads each part
+as a message of its own).
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import zmq
 
 from . import dispatch_protocol as dp
-from . import framing
+from . import framing, zmtp
 from .dispatch_state import Counters, InFlight, Pending, WorkerState
 from .exits import EXIT_OK, STUCK_SIGNAL
 from .flowcontrol import Windows
@@ -48,8 +51,6 @@ from .settings import Settings
 
 log = logging.getLogger("circus_wsgi.dispatcher")
 
-#: Messages taken from one socket per poll wake-up before looking at the others.
-BATCH = 256
 #: A worker holding requests that has finished none for this long (seconds) is busy
 #: with a slow one: it gets no prefetched request until it finishes something.
 STALLED_WORKER = 0.005
@@ -71,15 +72,18 @@ class Dispatcher:
         self.settings = settings
         run = RunDir(Path(settings.run_dir))
         self.context = zmq.Context.instance()
-        self.requests = self._socket(zmq.PULL, connect=settings.send_spec or run.mongrel2_send)
-        # An XPUB, not a PUB: it reports mongrel2's subscription, and until that has
-        # arrived every response sent would be dropped without a word.
-        self.responses = self._socket(zmq.XPUB, connect=settings.recv_spec or run.mongrel2_recv)
+        # mongrel2's PUSH (requests and notices) and SUB (responses), in ZMTP; None
+        # until connected. (mongrel2's SUB keeps what matches its subscription, the
+        # sender UUID every response begins with, so responses may go at once.)
+        self.send_spec = settings.send_spec or run.mongrel2_send
+        self.recv_spec = settings.recv_spec or run.mongrel2_recv
+        self.requests: framing.FramedStream | None = None
+        self.responses: framing.FramedStream | None = None
         self.listener = framing.listen(run.dispatcher)
         self.links: dict[bytes, framing.FramedStream] = {}  # worker identity -> connection
         self.link_identities: dict[int, bytes] = {}  # connection's fd -> worker identity
         self.link_numbers = itertools.count(1)
-        self.status_socket = self._socket(zmq.REP, bind=run.dispatcher_status)
+        self.status_socket = self._status_socket(run.dispatcher_status)
         self.workers: dict[bytes, WorkerState] = {}
         self.slots: deque[bytes] = deque()  # one entry per free worker slot, oldest first
         self.queue: deque[Pending] = deque()
@@ -93,18 +97,15 @@ class Dispatcher:
         self.uploads: dict[bytes, bytes] = {}  # conn_id -> temp file still being uploaded
         self.refused: dict[bytes, float] = {}  # conn_id -> until when its requests are dropped
         self.counters = Counters()
-        # Every socket is polled by its file descriptor, ZeroMQ's too (their ZMQ_FD): a
-        # zmq_poll over ZeroMQ sockets costs several system calls per socket per call.
-        # A ZeroMQ socket's descriptor turns readable when its state may have changed;
-        # each handler below takes what is there, which resets it.
+        # Every socket is polled by its file descriptor, the status socket's too (its
+        # ZMQ_FD): a zmq_poll costs several system calls per ZeroMQ socket per call.
+        # That descriptor turns readable when the socket's state may have changed; its
+        # handler takes what is there, which resets it.
         self.poller = select.poll()
-        self.requests_fd = self.requests.getsockopt(zmq.FD)
-        self.more_requests = False  # the last drain stopped at BATCH: more are waiting
-        self.responses_fd = self.responses.getsockopt(zmq.FD)
+        self.requests_fd = self.responses_fd = -1
         self.status_fd = self.status_socket.getsockopt(zmq.FD)
-        for fd in (self.responses_fd, self.status_fd):  # the rest once mongrel2 listens
-            self.poller.register(fd, select.POLLIN)
-        self.mongrel2_listens = False
+        self.poller.register(self.status_fd, select.POLLIN)
+        self.accepting = False  # taking workers' connections (once mongrel2 was reached)
         self.pidfds: dict[int, bytes] = {}  # pidfd -> worker identity
         # Closed at the end of the loop's turn, so that no new file takes the number of
         # one whose event is still to be handled in this turn.
@@ -112,21 +113,15 @@ class Dispatcher:
         self.upload_dir = os.fsencode(run.uploads)
         self.stopping = False
 
-    def _socket(self, kind: int, *, bind: str = "", connect: str = "") -> zmq.Socket:
-        sock = self.context.socket(kind)
+    def _status_socket(self, endpoint: str) -> zmq.Socket:
+        """The REP socket ``circus-wsgi status`` asks (a stale socket file is replaced)."""
+        sock = self.context.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.SNDHWM, 0)  # never drop a response or a request on a full pipe
-        sock.setsockopt(zmq.RCVHWM, 0)
-        if bind:
-            path = bind[len("ipc://"):] if bind.startswith("ipc://") else ""
-            if path and os.path.exists(path):
-                os.unlink(path)  # a stale socket file from a dispatcher that was killed
-            sock.bind(bind)
-        else:
-            sock.connect(connect)
+        path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+        if path and os.path.exists(path):
+            os.unlink(path)  # left by a dispatcher that was killed
+        sock.bind(endpoint)
         return sock
-
-    # ----------------------------------------------------------------- loop
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then hand back what is held and exit 0."""
@@ -139,20 +134,21 @@ class Dispatcher:
         log.info("dispatcher %d ready: %s", os.getpid(), self.settings.run_dir)
         next_tick = next_beat = time.monotonic()
         deadline = None
+        self._connect_mongrel2()
         while True:
             now = time.monotonic()
             if self.stopping:
                 deadline = deadline or self._begin_stop(now)
                 if (not self.in_flight and not self.queue) or now >= deadline:
                     break
-            wait = 0 if self.more_requests else max(0.0, min(next_tick, next_beat) - now)
+            wait = max(0.0, min(next_tick, next_beat) - now)
             for fd, event in self.poller.poll(wait * 1000):
                 if fd == self.requests_fd:
-                    self._drain_requests()
+                    self._on_requests()
                 elif fd in self.link_identities:
                     self._on_link(self.link_identities[fd], event)
                 elif fd == self.responses_fd:
-                    self._on_subscription()
+                    self._on_responses(event)
                 elif fd == self.listener.fileno():
                     self._accept_workers()
                 elif fd == self.status_fd:
@@ -161,8 +157,6 @@ class Dispatcher:
                     os.read(wake_r, 512)
                 elif fd in self.pidfds:
                     self._on_worker_exit(fd)
-            if self.more_requests:
-                self._drain_requests()
             self._close_retired()
             now = time.monotonic()
             self._dispatch(now)
@@ -170,6 +164,8 @@ class Dispatcher:
             self._send_outgoing()
             if now >= next_tick:
                 self._expire(now)
+                if self.responses is None and not self.stopping:
+                    self._connect_mongrel2()
                 next_tick = now + TICK
             if now >= next_beat:
                 self._heartbeat()
@@ -185,30 +181,90 @@ class Dispatcher:
 
     def _send_outgoing(self) -> None:
         """Send the messages of this turn to mongrel2 as the parts of one message: one
-        hand-over to ZeroMQ's I/O thread instead of one per message (measured: the
-        dispatcher's CPU per request down 8 %)."""
+        system call. (While mongrel2 is not connected they are dropped: the clients
+        they were for went with it.)"""
         if self.outgoing:
             outgoing, self.outgoing = self.outgoing, []
-            _send_parts(self.responses, outgoing)
+            if self.responses is not None:
+                try:
+                    self._send_on(self.responses, outgoing)
+                except ConnectionError:
+                    self._mongrel2_gone()
+
+    def _send_on(self, stream: framing.FramedStream, frames: list[bytes] | tuple) -> None:
+        """Send one message; while some of it waits, poll the stream for writing too."""
+        backlogged = stream.backlogged
+        stream.send(frames)
+        if stream.backlogged and not backlogged:
+            self.poller.modify(stream.fileno(), select.POLLIN | select.POLLOUT)
+
+    def _flush_on(self, stream: framing.FramedStream) -> None:
+        """The stream is writable: write what waits; poll it for reading only once done."""
+        stream.flush()
+        if not stream.backlogged:
+            self.poller.modify(stream.fileno(), select.POLLIN)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.stopping and signum != signal.SIGTERM:
             raise SystemExit(EXIT_OK)  # a second Ctrl-C: stop at once
         self.stopping = True
 
-    def _on_subscription(self) -> None:
-        """mongrel2's SUB socket (re)connected: responses reach it from now on."""
-        while _readable(self.responses):
-            if self.responses.recv()[:1] == b"\x01" and not self.mongrel2_listens:
-                self.mongrel2_listens = True
-                self.poller.register(self.requests_fd, select.POLLIN)
-                self.poller.register(self.listener.fileno(), select.POLLIN)
-                log.info("mongrel2 connected")
+    def _connect_mongrel2(self) -> None:
+        """Connect to mongrel2's handler sockets, at start and after mongrel2 restarted;
+        requests are read once both connections are made."""
+        if self.requests is None:
+            self.requests = zmtp.connect(self.send_spec, "PULL")
+        if self.requests is None or self.responses is not None:
+            return
+        self.responses = zmtp.connect(self.recv_spec, "PUB")
+        if self.responses is None:
+            return
+        self.requests_fd, self.responses_fd = self.requests.fileno(), self.responses.fileno()
+        self.poller.register(self.requests_fd, select.POLLIN)
+        self.poller.register(self.responses_fd, select.POLLIN)
+        if not self.accepting:
+            self.accepting = True
+            self.poller.register(self.listener.fileno(), select.POLLIN)
+        log.info("mongrel2 connected")
 
-    def _drain_requests(self) -> None:
-        """mongrel2's messages: one frame each, copied (cheaper than a zero-copy frame at
-        a few hundred bytes)."""
-        self.more_requests = _drain(self.requests.recv, self._on_mongrel2)
+    def _mongrel2_gone(self) -> None:
+        """A connection to mongrel2 ended (it stopped or restarted): drop both, and
+        connect again at the next tick."""
+        log.warning("mongrel2's sockets closed: connecting again")
+        for stream in (self.requests, self.responses):
+            if stream is not None:
+                if stream.fileno() in (self.requests_fd, self.responses_fd):
+                    self.poller.unregister(stream.fileno())
+                self.retired.append(stream.close)
+        self.requests = self.responses = None
+        self.requests_fd = self.responses_fd = -1
+
+    def _on_requests(self) -> None:
+        """mongrel2's messages: all that one read brings (one frame each)."""
+        stream = self.requests
+        try:
+            messages = stream.receive()
+        except ValueError as error:
+            log.error("malformed stream from mongrel2 (%s)", error)
+            messages = []
+        for frames in messages:
+            self._on_mongrel2(frames[0])
+        if stream.closed and stream is self.requests:
+            self._mongrel2_gone()
+
+    def _on_responses(self, event: int) -> None:
+        """The connection to mongrel2's SUB: writable again, or closed (what it sends,
+        its subscription, needs nothing from us)."""
+        stream = self.responses
+        try:
+            if event & select.POLLOUT:
+                self._flush_on(stream)
+            if event & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                stream.receive()
+        except (ValueError, ConnectionError) as error:
+            log.error("connection to mongrel2's SUB failed (%s)", error)
+        if stream.closed:
+            self._mongrel2_gone()
 
     def _accept_workers(self) -> None:
         while True:
@@ -225,9 +281,7 @@ class Dispatcher:
         link = self.links[identity]
         try:
             if event & select.POLLOUT:
-                link.flush()
-                if not link.backlogged:
-                    self.poller.modify(link.fileno(), select.POLLIN)
+                self._flush_on(link)
             if event & (select.POLLIN | select.POLLERR | select.POLLHUP):
                 for frames in link.receive():
                     if identity not in self.links:
@@ -461,10 +515,7 @@ class Dispatcher:
         try:
             if link is None:
                 raise ConnectionError("not connected")
-            backlogged = link.backlogged
-            link.send(frames)
-            if link.backlogged and not backlogged:  # the worker reads slower than we write
-                self.poller.modify(link.fileno(), select.POLLIN | select.POLLOUT)
+            self._send_on(link, frames)
         except ConnectionError as error:
             if batch:
                 self._take_back(identity, batch)
@@ -723,12 +774,14 @@ class Dispatcher:
         serve those already taken until the deadline."""
         log.info("dispatcher stopping: %d queued, %d in flight", len(self.queue),
                  len(self.in_flight))
-        if self.mongrel2_listens:
-            while _readable(self.requests):  # closing drops what is unread
-                self._drain_requests()
+        requests, self.requests = self.requests, None
+        if requests is not None:
             self.poller.unregister(self.requests_fd)
-            self.more_requests = False
-        self.requests.close(linger=0)
+            self.requests_fd = -1
+            while messages := requests.receive():  # closing drops what is unread
+                for frames in messages:
+                    self._on_mongrel2(frames[0])
+            requests.close()
         return now + min(self.settings.graceful_timeout, 10.0)
 
     def _finish(self) -> None:
@@ -752,29 +805,11 @@ class Dispatcher:
             link.close()
         self._remove_file(os.fsencode(self.listener.getsockname()))
         self.listener.close()
-        for sock in (self.responses, self.status_socket):
-            sock.close(linger=1000)
+        if self.responses is not None:
+            self.responses.drain(timeout=1.0)
+            self.responses.close()
+        self.status_socket.close(linger=1000)
         log.info("dispatcher %d stopped", os.getpid())
-
-
-def _send_parts(socket: zmq.Socket, frames: list[bytes]) -> None:
-    """Send ``frames`` as one multipart message (plain ``send`` calls: a quarter of the
-    cost of pyzmq's ``send_multipart`` for small frames)."""
-    send = socket.send
-    for frame in frames[:-1]:
-        send(frame, zmq.SNDMORE)
-    send(frames[-1])
-
-
-def _drain(recv: Callable[[int], Any], handle: Callable[[Any], None]) -> bool:
-    """Handle up to :data:`BATCH` waiting messages (one exception when none is left
-    costs less than asking the socket before each); True if more may be waiting."""
-    try:
-        for _ in range(BATCH):
-            handle(recv(zmq.NOBLOCK))
-    except zmq.Again:
-        return False
-    return True
 
 
 def _readable(sock: zmq.Socket) -> bool:

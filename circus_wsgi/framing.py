@@ -1,12 +1,14 @@
-"""Multipart messages on a Unix stream socket: the transport between the dispatcher
-and its workers.
+"""Multipart messages on a stream socket, written and read by the loop's own thread:
+the transport between the dispatcher and its workers, and (with
+:mod:`circus_wsgi.zmtp`'s layout) between the dispatcher and mongrel2.
 
-A message is a list of byte frames, written as: its size (the bytes after these
-four), the number of frames, each frame's length (all 32-bit big-endian), then
-the frames themselves. Both ends read and write in their own loop thread with
-plain system calls: no I/O thread to hand each message to and back from, which
-is what ZeroMQ's sockets cost per message (measured: the Python side's CPU per
-hello request 48 us instead of 58).
+Both ends read and write with plain system calls: no I/O thread to hand each
+message to and back from, which is what ZeroMQ's sockets cost per message
+(measured: the Python side's CPU per hello request 48 us instead of 58).
+
+The dispatcher and its workers use :class:`LengthPrefixed`: a message is a list
+of byte frames, written as its size (the bytes after these four), the number of
+frames, each frame's length (all 32-bit big-endian), then the frames themselves.
 
 A :class:`FramedStream` never blocks: what the kernel does not take at once
 waits in the stream, whole messages in order, until :meth:`FramedStream.flush`
@@ -23,7 +25,7 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Sequence
+from typing import Protocol, Sequence
 
 #: Bytes taken from the kernel per :meth:`FramedStream.receive`. (Each read allocates a
 #: buffer this size: cheap with :func:`memory.tune_malloc`, which keeps blocks this large
@@ -74,6 +76,37 @@ def decode(data: bytes | bytearray) -> tuple[list[list[bytes]], int]:
     return messages, at
 
 
+class Layout(Protocol):
+    """How messages are laid out on the stream (an object per stream: it may keep state)."""
+
+    def encode(self, frames: Sequence[bytes]) -> list[bytes]:
+        """The buffers of one message on the wire."""
+
+    def decode(self, data: bytes | bytearray) -> tuple[list[list[bytes]], int]:
+        """The complete messages at the start of ``data``, and how many bytes were used."""
+
+    def size_at(self, data: bytes | bytearray, at: int) -> int | None:
+        """The size of the unit beginning at ``at`` (which :meth:`decode` left because
+        it is incomplete), once its header is there; None before. Raises ValueError for
+        a header no message can have."""
+
+
+class LengthPrefixed:
+    """The dispatcher-worker layout (see the module's docstring)."""
+
+    encode = staticmethod(encode)
+    decode = staticmethod(decode)
+
+    @staticmethod
+    def size_at(data: bytes | bytearray, at: int) -> int | None:
+        if len(data) - at < 4:
+            return None
+        size = _SIZE.unpack_from(data, at)[0]
+        if size < 4:
+            raise ValueError(f"a message of {size} bytes has no frame count")
+        return 4 + size
+
+
 class FramedStream:
     """One end of a connection carrying framed messages; non-blocking.
 
@@ -82,9 +115,10 @@ class FramedStream:
     raises :class:`ConnectionError`.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, layout: Layout = LengthPrefixed()) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.layout = layout
         self.closed = False
         self._head = b""  # the first bytes of a message, too few to give its size
         # A message of known size still arriving, read in place: no joining of reads.
@@ -139,17 +173,16 @@ class FramedStream:
 
     def _take(self, chunk: bytes | bytearray) -> list[list[bytes]]:
         """Decode the whole messages of ``chunk``; keep the start of the next one."""
-        messages, used = decode(chunk)
+        messages, used = self.layout.decode(chunk)
         rest = len(chunk) - used
-        if rest >= 4:
-            size = _SIZE.unpack_from(chunk, used)[0]
-            if size < 4:
-                raise ValueError(f"a message of {size} bytes has no frame count")
-            self._arriving = bytearray(4 + size)
-            self._arriving[:rest] = memoryview(chunk)[used:]
-            self._filled = rest
-        elif rest:
-            self._head = bytes(chunk[used:])
+        if rest:
+            size = self.layout.size_at(chunk, used)
+            if size is None:
+                self._head = bytes(chunk[used:])
+            else:
+                self._arriving = bytearray(size)
+                self._arriving[:rest] = memoryview(chunk)[used:]
+                self._filled = rest
         return messages
 
     # -- out
@@ -158,7 +191,7 @@ class FramedStream:
         """Write one message, or keep what the kernel does not take for :meth:`flush`."""
         if self.closed:
             raise ConnectionError("connection closed")
-        buffers = encode(frames)
+        buffers = self.layout.encode(frames)
         if self._waiting:  # behind messages already waiting, which go first
             self._waiting.append(b"".join(buffers))
             self.flush()

@@ -177,3 +177,20 @@ def test_after_a_kill_9_of_the_dispatcher_workers_responses_still_reach_their_cl
     assert [reply[0][0] for reply in replies] == [200, 200]  # held by workers: not lost
     wait_for(lambda: stack.pids("dispatcher") not in ([], [dispatcher]), 10)
     wait_for(lambda: get(stack.port, "/hello")[0] == 200, 10)
+
+
+def test_the_dispatcher_connects_again_to_a_restarted_mongrel2(stack):
+    [dispatcher] = stack.pids("dispatcher")
+    [mongrel2] = stack.pids("mongrel2")
+    stack.call("restart", name="mongrel2", waiting=True)
+    assert stack.pids("mongrel2") != [mongrel2]
+
+    def answers() -> bool:
+        try:
+            return get(stack.port, "/hello", timeout=2)[:2] == (200, b"Hello, World!")
+        except OSError:  # mongrel2 not listening yet
+            return False
+
+    wait_for(answers, 15)
+    assert stack.pids("dispatcher") == [dispatcher]  # the same one, connected again
+    assert [get(stack.port, "/hello")[0] for _ in range(20)] == [200] * 20

@@ -1,0 +1,163 @@
+"""circus_wsgi.zmtp: messages to and from real libzmq sockets (pyzmq), split any way,
+and what a peer that does not speak ZMTP 3 gets."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from hypothesis import given, settings, strategies as st
+
+from circus_wsgi import framing, zmtp
+
+messages = st.lists(st.lists(st.binary(max_size=600), min_size=1, max_size=4), max_size=8)
+
+
+def receive(stream: framing.FramedStream, count: int, timeout: float = 5.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        select.select([stream.sock], [], [], 0.1)
+        got += stream.receive()
+    return got
+
+
+@pytest.fixture
+def context():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> str:
+    return f"ipc://{tmp_path}/socket"
+
+
+def test_a_libzmq_push_reaches_our_pull_short_long_and_multipart(context, endpoint):
+    push = context.socket(zmq.PUSH)
+    push.bind(endpoint)
+    pull = zmtp.connect(endpoint, "PULL")
+    try:
+        sent = [[b"hello"], [b"x" * 255], [b"y" * 256], [b"z" * (1 << 20)], [b"a", b"b" * 300],
+                [b""]]
+        for frames in sent:
+            push.send_multipart(frames)
+        assert receive(pull, len(sent)) == sent
+    finally:
+        pull.close()
+
+
+def test_our_pub_reaches_a_libzmq_sub_which_keeps_what_it_subscribed_to(context, endpoint):
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"UUID ")
+    sub.bind(endpoint)
+    pub = zmtp.connect(endpoint, "PUB")
+    try:
+        big = b"UUID 1:2, " + b"y" * (1 << 20)
+        pub.send([b"UUID 1:1, at once"])  # before the handshake is even read: not lost
+        pub.send([b"OTHER 1:1, filtered"])
+        pub.send([big, b"UUID 1:3, second part"])
+        assert pub.backlogged  # more than the socket buffers: it waits for flush()
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            pub.flush()
+            if sub.poll(10):
+                got.append(sub.recv_multipart())
+        assert got == [[b"UUID 1:1, at once"], [big, b"UUID 1:3, second part"]]
+        assert not pub.backlogged and not sub.poll(200)
+        # libzmq sends a 3.0 peer its subscription as a message (first byte 1)
+        assert receive(pub, 1) == [[b"\x01UUID "]]
+    finally:
+        pub.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages, st.lists(st.integers(min_value=1, max_value=70), min_size=1))
+def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
+    layout = zmtp.ZmtpLayout()
+    wire = zmtp.greeting() + zmtp.ready_command("PUSH") + b"".join(
+        b"".join(layout.encode(frames)) for frames in sent)
+    left, right = socket.socketpair()
+    stream = framing.FramedStream(right, zmtp.ZmtpLayout())
+    try:
+        got, at, turn = [], 0, 0
+        while at < len(wire):
+            size = cuts[turn % len(cuts)]
+            left.sendall(wire[at:at + size])
+            at, turn = at + size, turn + 1
+            got += stream.receive()
+        while select.select([right], [], [], 0)[0]:
+            got += stream.receive()
+        assert got == sent
+        assert all(type(frame) is bytes for frames in got for frame in frames)
+    finally:
+        left.close()
+        stream.close()
+
+
+def peer_sends(data: bytes) -> framing.FramedStream:
+    left, right = socket.socketpair()
+    left.sendall(data)
+    left.close()
+    return framing.FramedStream(right, zmtp.ZmtpLayout())
+
+
+@pytest.mark.parametrize("greeting, reason", [
+    (b"GET / HTTP/1.1\r\n" * 4, "bad signature"),
+    (zmtp.greeting()[:10] + b"\x02\x00" + zmtp.greeting()[12:], "ZMTP 2.0"),
+    (zmtp.greeting()[:12] + b"CURVE".ljust(20, b"\x00") + zmtp.greeting()[32:], "'CURVE'"),
+])
+def test_a_peer_that_does_not_speak_zmtp_3_with_null_is_refused(greeting, reason):
+    stream = peer_sends(greeting)
+    try:
+        with pytest.raises(ValueError, match=reason):
+            stream.receive()
+        assert stream.closed
+    finally:
+        stream.close()
+
+
+def test_an_error_command_gives_its_reason():
+    body = b"\x05ERROR\x0bbad account"
+    stream = peer_sends(zmtp.greeting() + bytes([4, len(body)]) + body)
+    try:
+        with pytest.raises(ValueError, match="bad account"):
+            stream.receive()
+    finally:
+        stream.close()
+
+
+def test_a_frame_of_absurd_size_is_a_corrupt_stream():
+    stream = peer_sends(zmtp.greeting() + b"\x02" + (1 << 40).to_bytes(8, "big") + b"x")
+    try:
+        with pytest.raises(ValueError, match="a frame of"):
+            stream.receive()
+    finally:
+        stream.close()
+
+
+def test_connect_gives_none_while_nothing_listens_and_refuses_other_endpoints(tmp_path):
+    assert zmtp.connect(f"ipc://{tmp_path}/nobody", "PULL") is None
+    with socket.socket() as taken:  # a port with no listener: refused
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    assert zmtp.connect(f"tcp://127.0.0.1:{port}", "PULL") is None
+    with pytest.raises(ValueError, match="endpoint"):
+        zmtp.connect("inproc://x", "PULL")
+
+
+def test_tcp_endpoints_work_too(context):
+    push = context.socket(zmq.PUSH)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    pull = zmtp.connect(f"tcp://127.0.0.1:{port}", "PULL")
+    try:
+        push.send(b"over tcp")
+        assert receive(pull, 1) == [[b"over tcp"]]
+    finally:
+        pull.close()
