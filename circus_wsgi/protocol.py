@@ -81,13 +81,16 @@ class Message:
         return int(value) if isinstance(value, bytes) and value.isdigit() else 0
 
 
+_NETSTRING_ENDS = frozenset(b",}")
+
+
 def _split_netstring(data: bytes, start: int) -> tuple[int, int]:
     """(start, end) of a netstring's payload beginning at ``start``; end is at its ','."""
     colon = data.find(b":", start, start + 12)
     if colon <= start or not data[start:colon].isdigit():
         raise ProtocolError("bad netstring length")
     end = colon + 1 + int(data[start:colon])
-    if end >= len(data) or data[end:end + 1] not in (b",", b"}"):
+    if end >= len(data) or data[end] not in _NETSTRING_ENDS:
         raise ProtocolError("truncated netstring")
     return colon + 1, end
 
@@ -111,7 +114,7 @@ def parse(data: bytes, protocol: str = "auto") -> Message:
     body_start, body_end = _split_netstring(data, header_end + 1)
     if body_end != len(data) - 1 or data[body_end] != 0x2C:
         raise ProtocolError("trailing bytes after the body")
-    body = data[body_start:body_end]
+    body = data[body_start:body_end] if body_end > body_start else b""
     return Message(sender, conn_id, path, headers, body, _classify(headers, body))
 
 
@@ -171,7 +174,7 @@ def addressed(message: bytes) -> tuple[list[bytes], int]:
 
 def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: str) -> dict:
     try:
-        if protocol == "json" or (protocol == "auto" and data[start:start + 1] == b"{"):
+        if protocol == "json" or (protocol == "auto" and data[start] == 0x7B):  # "{"
             # mongrel2 writes header bytes into the JSON unescaped: decoding as
             # latin-1 maps each byte to one character and back, so it is byte-safe.
             loaded = json.loads(data[start:end].decode("latin-1"))
@@ -180,13 +183,17 @@ def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: st
             headers = tnetstring.loads(data[offset:end + 1])
     except (ValueError, TypeError, AttributeError, UnicodeError, RecursionError) as error:
         raise ProtocolError(f"bad headers: {error}") from None
-    if not isinstance(headers, dict) or not isinstance(headers.get(b"METHOD"), bytes):
+    if type(headers) is not dict or type(headers.get(b"METHOD")) is not bytes:
         raise ProtocolError("headers are not a dict with a METHOD")
-    for value in headers.values():
-        if not isinstance(value, bytes) and not (
-                isinstance(value, list) and all(isinstance(v, bytes) for v in value)):
-            raise ProtocolError("a header value is neither bytes nor a list of bytes")
+    if not _BYTES.issuperset(map(type, headers.values())):  # lists are rare: check them
+        for value in headers.values():
+            if type(value) is not bytes and not (
+                    type(value) is list and all(type(v) is bytes for v in value)):
+                raise ProtocolError("a header value is neither bytes nor a list of bytes")
     return headers
+
+
+_BYTES = frozenset((bytes,))
 
 
 def _latin1(text: str) -> bytes:

@@ -89,6 +89,8 @@ RECONNECT_EVERY = 0.1
 FLUSH_AFTER = 0.001
 #: After a refusal for request smuggling, what follows on that connection is dropped this long.
 REFUSED_FOR = 2.0
+# Poll flags as plain ints (``|`` on pyzmq's enum flags runs Python code: 0.6 us per turn).
+_READ, _READ_WRITE = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
 
 class Refused(Exception):
@@ -527,7 +529,7 @@ class Worker:
     def _watch_link(self) -> None:
         """Poll the link's socket (a new one after a reconnection), for writing too while
         messages wait for it."""
-        watched = (self.link.pollable, zmq.POLLIN | (zmq.POLLOUT if self.link.backlogged else 0))
+        watched = (self.link.pollable, _READ_WRITE if self.link.backlogged else _READ)
         if watched != self.watched:
             if self.watched[0] is not None:
                 self.poller.unregister(self.watched[0])

@@ -103,17 +103,19 @@ def _memo(cache: dict, key: Any, compute: Callable[[Any], Any]) -> Any:
 _KEYS: dict[bytes, Optional[str]] = {}
 
 
-def _header_items(headers: dict) -> Iterator[tuple[str, str]]:
-    """(environ key, value) for each client header."""
+def _add_headers(environ: dict, headers: dict) -> None:
+    """Put each client header in ``environ`` under its environ key."""
     keys = _KEYS
     for name, value in headers.items():
-        key = keys[name] if name in keys else _memo(keys, name, _environ_key)
+        key = keys.get(name, False)
+        if key is False:
+            key = _memo(keys, name, _environ_key)
         if key is None:
             continue
         if type(value) is list:
             # RFC 9113 8.2.3: cookies are joined with "; ", other headers with ", ".
             value = (b"; " if key == "HTTP_COOKIE" else b", ").join(value)
-        yield key, value.decode("latin-1")
+        environ[key] = value.decode("latin-1")
 
 
 def _split_host(host: str, scheme: str) -> tuple[str, str]:
@@ -179,7 +181,7 @@ class Site:
         """
         headers = message.headers
         environ = self.base.copy()
-        environ.update(_header_items(headers))
+        _add_headers(environ, headers)
         scheme = headers.get(b"URL_SCHEME", b"http").decode("latin-1")
         path = headers.get(b"PATH", message.path)[self._cut:]
         environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode(
@@ -192,7 +194,10 @@ class Site:
         environ["wsgi.url_scheme"] = scheme
         host = environ.get("HTTP_HOST")
         if host:
-            environ["SERVER_NAME"], environ["SERVER_PORT"] = self._server(host, scheme)
+            server = self._hosts.get((host, scheme))
+            if server is None:
+                server = _memo(self._hosts, (host, scheme), lambda key: _split_host(*key))
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = server
         if body is None:
             body = io.BytesIO(message.body)
             length = len(message.body) if message.body else None
@@ -200,9 +205,6 @@ class Site:
             environ["CONTENT_LENGTH"] = str(length)
         environ["wsgi.input"] = body
         return environ
-
-    def _server(self, host: str, scheme: str) -> tuple[str, str]:
-        return _memo(self._hosts, (host, scheme), lambda key: _split_host(*key))
 
 
 class Router:
