@@ -161,15 +161,18 @@ def granted(data: bytes) -> int:
 
 def addressed(message: bytes) -> tuple[list[bytes], int]:
     """The connection ids a response message is for and the bytes it writes to each:
-    0 for a close, -1 for a control message (its ids begin with ``X``)."""
-    _, _, rest = message.partition(b" ")
-    length, _, rest = rest.partition(b":")
-    if not length.isdigit():
+    0 for a close, -1 for a control message (its ids begin with ``X``). (Searches
+    and slices only the head: the body, maybe megabytes, is never copied.)"""
+    space = message.find(b" ")
+    colon = message.find(b":", space + 1, space + 12) if space >= 0 else -1
+    length = message[space + 1:colon]
+    if colon < 0 or not length.isdigit():
         return [], -1
-    ids = rest[:int(length)]
-    if ids.startswith(b"X "):
-        return ids[2:].split(), -1
-    return ids.split(), max(0, len(rest) - int(length) - 2)
+    start = colon + 1
+    end = start + int(length)
+    if message.startswith(b"X ", start):
+        return message[start + 2:end].split(), -1
+    return message[start:end].split(), max(0, len(message) - end - 2)
 
 
 def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: str) -> dict:

@@ -243,3 +243,6 @@ def test_addressed_tells_connections_and_bytes_written():
     assert protocol.addressed(protocol.close(UUID, [b"1", b"2"])) == ([b"1", b"2"], 0)
     assert protocol.addressed(protocol.keep_alive(UUID, b"7")) == ([b"7"], -1)
     assert protocol.addressed(b"no header") == ([], -1)
+    assert protocol.addressed(b"uuid x:1, body") == ([], -1)
+    big = protocol.response(UUID, b"3", b"x" * (1 << 20))
+    assert protocol.addressed(big) == ([b"3"], 1 << 20)
