@@ -423,6 +423,7 @@ class Worker:
     def __init__(self, settings: Settings, router: Router, access: AccessLog,
                  context: Optional[zmq.Context] = None) -> None:
         self.settings, self.router, self.access = settings, router, access
+        self.logging = access.enabled  # an access log is open (for the worker's life)
         self.threads = settings.threads
         self.inline = settings.threads == 1
         self.flow = settings.flow_control and settings.mode == "dispatcher"
@@ -457,6 +458,9 @@ class Worker:
         self.stopping = False
         self.bye = self.link.direct  # the dispatcher said BYE (direct mode: nothing to wait for)
         self.heard = self.stopped_at = time.monotonic()
+        # How each request's Outbox sends and waits: in this thread, or handed over to it.
+        self.outbox_io = (self._deliver, self._pump, False) if self.inline else (
+            self._hand_over, Outbox.absorb, True)
 
     def _link(self, settings: Settings, run: Optional[RunDir]) -> Any:
         if settings.mode == "direct":
@@ -668,9 +672,7 @@ class Worker:
             self._discard_upload(message)
             return
         self.held += 1
-        outbox = Outbox(message, self._pacer(message, budget),
-                        self._deliver if self.inline else self._hand_over,
-                        self._pump if self.inline else Outbox.absorb, not self.inline)
+        outbox = Outbox(message, self._pacer(message, budget), *self.outbox_io)
         self.active[message.conn_id] = outbox
         if protocol.is_smuggling_risk(message):
             self.refused[message.conn_id] = time.monotonic() + REFUSED_FOR
@@ -698,10 +700,8 @@ class Worker:
             budget = message.credits or UNKNOWN
         return Pacer(BUDGET, budget)
 
-    def _body(self, message: Message) -> tuple[Any, Optional[int]]:
-        """The request body as a file for wsgi.input and its length (None: inline)."""
-        if message.kind is not Kind.UPLOAD_DONE:
-            return None, None
+    def _upload(self, message: Message) -> tuple[Any, int]:
+        """An upload's body as a file for wsgi.input, and its length."""
         path = protocol.upload_file(message, self.uploads) if self.uploads else None
         if path is None:
             raise Refused(400, f"upload file {message.upload_path!r} is not in "
@@ -722,7 +722,9 @@ class Worker:
                     message.path.decode("latin-1"), refusal)
         started, clock = time.time(), time.perf_counter()
         outbox.finish(httpmsg.error_response(refusal.status), True)
-        self._log(self.router.site(message).environ(message), refusal.status, 0, started, clock)
+        if self.logging:
+            self._log(self.router.site(message).environ(message), refusal.status, 0, started,
+                      clock)
 
     def _send_refusal(self, message: Message, status: int) -> None:
         """Answer ``status`` and close, for a message that is not a held request."""
@@ -731,46 +733,47 @@ class Worker:
             protocol.close(message.sender, message.conn_id)], True)
 
     def _serve(self, message: Message, outbox: Outbox) -> None:
-        """Run the application for one request (in the loop or an application thread)."""
-        started, clock = time.time(), time.perf_counter()
-        try:
-            body, length = self._body(message)
-        except Refused as refusal:
-            return self._refuse(message, outbox, refusal)
+        """Run the application for one request (in the loop or an application thread).
+        (The hot path of every request: the checks that rarely apply are inline.)"""
+        logging = self.logging
+        if logging:
+            started, clock = time.time(), time.perf_counter()
+        body = length = None
+        if message.kind is Kind.UPLOAD_DONE:
+            try:
+                body, length = self._upload(message)
+            except Refused as refusal:
+                return self._refuse(message, outbox, refusal)
         site = self.router.site(message)
         environ = site.environ(message, body, length)
         headers = message.headers
         exchange = Exchange(outbox, headers[b"METHOD"], wants_keep_alive(message),
                             headers.get(b"VERSION") == b"HTTP/1.0")
-        outbox.absorb()
-        self._enter_app()
+        inline = self.inline
+        if inline:
+            self.busy, self.started = True, time.monotonic()
+            if self.give_back and not self.timer_on:
+                signal.setitimer(signal.ITIMER_REAL, FLUSH_AFTER, FLUSH_AFTER)
+                self.timer_on = True
+        else:
+            outbox.absorb()
         try:
             if outbox.gone:
                 outbox.finish(b"", False)
             else:
                 exchange.run(site.app, environ)
         finally:
-            self._leave_app()
+            if inline:
+                self.busy = False
+                if time.monotonic() - self.started >= FLUSH_AFTER:
+                    self.link.flush()
             if body is not None:
                 body.close()
-        self._log(environ, exchange.status, exchange.sent, started, clock)
-
-    def _enter_app(self) -> None:
-        if self.inline:
-            self.busy, self.started = True, time.monotonic()
-            if self.give_back and not self.timer_on:
-                signal.setitimer(signal.ITIMER_REAL, FLUSH_AFTER, FLUSH_AFTER)
-                self.timer_on = True
-
-    def _leave_app(self) -> None:
-        if self.inline:
-            self.busy = False
-            if time.monotonic() - self.started >= FLUSH_AFTER:
-                self.link.flush()
+        if logging:
+            self._log(environ, exchange.status, exchange.sent, started, clock)
 
     def _log(self, environ: dict, status: int, sent: int, started: float, clock: float) -> None:
-        if self.access.enabled:
-            self.access.log(Entry(environ, status, sent, started, time.perf_counter() - clock))
+        self.access.log(Entry(environ, status, sent, started, time.perf_counter() - clock))
 
     def _app_thread(self) -> None:
         while True:
