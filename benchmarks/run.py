@@ -1129,8 +1129,9 @@ def _profile_section(found: dict | None) -> list[str]:
     if clean:
         lines += [f"**CPU per request, by thread** (a run without samplers, "
                   f"{_fmt(clean['rps'])} req/s). *main* is the thread running Python, "
-                  "*zmq-io* is ZeroMQ's I/O thread, which moves every message between "
-                  "mongrel2 and the dispatcher (the workers talk to the dispatcher without "
+                  "*zmq-io* is ZeroMQ's I/O thread, which moves every message of "
+                  "mongrel2's handler sockets on mongrel2's side (the dispatcher speaks "
+                  "ZeroMQ's wire protocol itself, and the workers talk to it without "
                   "ZeroMQ); for mongrel2, *main* is its event loop. Context "
                   "switches per request: voluntary (the process waited) and involuntary "
                   "(preempted: more runnable threads than cores).", ""]
