@@ -123,6 +123,8 @@ class Dispatcher:
         sock.bind(endpoint)
         return sock
 
+    # ----------------------------------------------------------------- loop
+
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then hand back what is held and exit 0."""
         wake_r, wake_w = os.pipe()
@@ -776,8 +778,9 @@ class Dispatcher:
                  len(self.in_flight))
         requests, self.requests = self.requests, None
         if requests is not None:
-            self.poller.unregister(self.requests_fd)
-            self.requests_fd = -1
+            if self.requests_fd >= 0:  # registered (once both connections were made)
+                self.poller.unregister(self.requests_fd)
+                self.requests_fd = -1
             while messages := requests.receive():  # closing drops what is unread
                 for frames in messages:
                     self._on_mongrel2(frames[0])

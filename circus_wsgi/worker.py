@@ -735,8 +735,8 @@ class Worker:
     def _serve(self, message: Message, outbox: Outbox) -> None:
         """Run the application for one request (in the loop or an application thread).
         (The hot path of every request: the checks that rarely apply are inline.)"""
-        logging = self.logging
-        if logging:
+        logged = self.logging
+        if logged:
             started, clock = time.time(), time.perf_counter()
         body = length = None
         if message.kind is Kind.UPLOAD_DONE:
@@ -769,7 +769,7 @@ class Worker:
                     self.link.flush()
             if body is not None:
                 body.close()
-        if logging:
+        if logged:
             self._log(environ, exchange.status, exchange.sent, started, clock)
 
     def _log(self, environ: dict, status: int, sent: int, started: float, clock: float) -> None:

@@ -566,3 +566,27 @@ def test_each_response_is_told_its_budget_and_what_passes_the_window_waits(stack
     mongrel2.receive()
     mongrel2.send(request_bytes(1, headers={b"DOWNLOAD_CREDITS": b"102400"}))
     assert peer.take() == b"1" and peer.windows[b"1"] == BUDGET
+
+
+def test_a_dispatcher_stopped_while_only_half_connected_to_mongrel2_exits_cleanly(run_dir):
+    """mongrel2's PUSH is bound but its SUB is not (yet): the dispatcher holds one of
+    its two connections when SIGTERM comes."""
+    run = RunDir(run_dir).create()
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.bind(run.mongrel2_send)
+    process = subprocess.Popen([sys.executable, "-m", "circus_wsgi", "dispatcher",
+                                *Settings(run_dir=str(run_dir)).to_argv()])
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(run.dispatcher):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)  # a few ticks of trying mongrel2's SUB
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        context.destroy(linger=0)
