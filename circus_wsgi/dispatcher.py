@@ -215,10 +215,10 @@ class Dispatcher:
         """Connect to mongrel2's handler sockets, at start and after mongrel2 restarted;
         requests are read once both connections are made."""
         if self.requests is None:
-            self.requests = zmtp.connect(self.send_spec, "PULL")
+            self.requests = _connect(self.send_spec, "PULL")
         if self.requests is None or self.responses is not None:
             return
-        self.responses = zmtp.connect(self.recv_spec, "PUB")
+        self.responses = _connect(self.recv_spec, "PUB")
         if self.responses is None:
             return
         self.requests_fd, self.responses_fd = self.requests.fileno(), self.responses.fileno()
@@ -813,6 +813,15 @@ class Dispatcher:
             self.responses.close()
         self.status_socket.close(linger=1000)
         log.info("dispatcher %d stopped", os.getpid())
+
+
+def _connect(endpoint: str, socket_type: str) -> framing.FramedStream | None:
+    """A ZMTP connection to one of mongrel2's sockets, or None (tried again later)."""
+    try:
+        return zmtp.connect(endpoint, socket_type)
+    except (OSError, ValueError) as error:
+        log.warning("cannot connect to mongrel2's %s: %s", endpoint, error)
+        return None
 
 
 def _readable(sock: zmq.Socket) -> bool:

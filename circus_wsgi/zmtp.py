@@ -10,9 +10,16 @@ Only what those sockets need (https://rfc.zeromq.org/spec/23/): connecting
 (``ipc://`` or ``tcp://``), the greeting and READY handshake, messages of one or
 more frames both ways. We announce ZMTP 3.0, so a SUB sends its subscriptions as
 messages (first byte 1), as libzmq does with a 3.0 peer. No heartbeats: mongrel2
-asks for none. A peer that does not speak ZMTP 3 with NULL security, or sends an
-ERROR command, makes :meth:`ZmtpLayout.decode` raise ValueError, which closes the
-stream (:class:`circus_wsgi.framing.FramedStream`).
+asks for none.
+
+The handshake is done before the connection is used, blocking for at most a
+second: libzmq takes a message that arrives before it has sent its own READY for
+a second handshake command and drops the connection (seen under load), so
+nothing may be sent before the peer's READY is read. A peer that does not speak
+ZMTP 3 with NULL security, or answers with an ERROR command, is refused
+(ValueError); an ERROR later, or a corrupt frame, makes
+:meth:`ZmtpLayout.decode` raise ValueError, which closes the stream
+(:class:`circus_wsgi.framing.FramedStream`).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Sequence
 
 from .framing import FramedStream
 
-__all__ = ["ZmtpLayout", "connect", "greeting", "ready_command"]
+__all__ = ["ZmtpLayout", "connect", "handshake", "greeting", "ready_command"]
 
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 _LONG_HEAD = struct.Struct("!BQ")
@@ -33,6 +40,8 @@ _SHORT_HEAD = struct.Struct("!BB")
 GREETING_SIZE = 64
 #: A frame larger than this is taken for a corrupt stream.
 MAX_FRAME = 1 << 31
+#: Seconds the peer has to answer our greeting and READY with its own.
+HANDSHAKE_TIMEOUT = 1.0
 
 
 def greeting() -> bytes:
@@ -58,20 +67,47 @@ def _check_greeting(data: bytes | bytearray) -> None:
         raise ValueError(f"the peer asks for the {mechanism.decode('latin-1')!r} mechanism")
 
 
-def _check_command(body: bytes) -> None:
-    """Act on a command from the peer: READY is taken, ERROR raises, others are ignored."""
+def _command_name(body: bytes) -> bytes:
+    """The name of a command from the peer; ERROR raises with its reason."""
     name = body[1:1 + body[0]] if body else b""
     if name == b"ERROR":
         reason = body[7:7 + body[6]] if len(body) > 6 else b""
         raise ValueError(f"the peer refused the connection: {reason.decode('latin-1')!r}")
+    return name
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ValueError("the peer closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+def handshake(sock: socket.socket, socket_type: str, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    """Send our greeting and READY announcing ``socket_type``, and read the peer's
+    (blocking, ``timeout`` seconds at most: TimeoutError). ValueError if the peer does
+    not speak ZMTP 3 with NULL security, or refuses us."""
+    sock.settimeout(timeout)
+    sock.sendall(greeting() + ready_command(socket_type))
+    _check_greeting(_receive_exactly(sock, GREETING_SIZE))
+    flags, size = _receive_exactly(sock, 2)
+    if flags & _LONG:
+        size = int.from_bytes(bytes([size]) + _receive_exactly(sock, 7), "big")
+        if size > MAX_FRAME:
+            raise ValueError(f"a frame of {size} bytes")
+    body = _receive_exactly(sock, size)
+    if not flags & _COMMAND or _command_name(body) != b"READY":
+        raise ValueError("the peer did not answer with READY")
 
 
 class ZmtpLayout:
-    """:class:`circus_wsgi.framing.Layout` of ZMTP 3.0 traffic from the peer's greeting
-    on (ours is sent by :func:`connect`). Commands are taken here, never returned."""
+    """:class:`circus_wsgi.framing.Layout` of ZMTP 3.0 traffic after the handshake.
+    Commands are taken here (ERROR raises), never returned."""
 
     def __init__(self) -> None:
-        self.greeted = False  # the peer's greeting has been read
         self._parts: list[bytes] = []  # frames of a message whose last frame is to come
 
     def encode(self, frames: Sequence[bytes]) -> list[bytes]:
@@ -87,11 +123,6 @@ class ZmtpLayout:
 
     def decode(self, data: bytes | bytearray) -> tuple[list[list[bytes]], int]:
         at, end = 0, len(data)
-        if not self.greeted:
-            if end < GREETING_SIZE:
-                return [], 0
-            _check_greeting(data)
-            self.greeted, at = True, GREETING_SIZE
         messages, parts = [], self._parts
         view = data if type(data) is bytes else memoryview(data)
         while end - at >= 2:
@@ -109,7 +140,7 @@ class ZmtpLayout:
             frame = view[start:stop] if view is data else bytes(view[start:stop])
             at = stop
             if flags & _COMMAND:
-                _check_command(frame)
+                _command_name(frame)
             elif flags & _MORE:
                 parts.append(frame)
             elif parts:
@@ -121,7 +152,7 @@ class ZmtpLayout:
         return messages, at
 
     def size_at(self, data: bytes | bytearray, at: int) -> int | None:
-        if not self.greeted or len(data) - at < 9:
+        if len(data) - at < 9:
             return None  # a short frame's header is whole at 2 bytes, but it is small
         flags = data[at]
         if not flags & _LONG:
@@ -137,8 +168,8 @@ _ENDPOINT = re.compile(r"^(?:ipc://(.+)|tcp://(.+):(\d+))$")
 
 def connect(endpoint: str, socket_type: str) -> FramedStream | None:
     """A ZMTP connection to the ZeroMQ socket bound at ``endpoint`` (``ipc://PATH`` or
-    ``tcp://HOST:PORT``), announcing ``socket_type``; None if nothing listens there yet.
-    The handshake is sent at once; the peer's is read with its first messages."""
+    ``tcp://HOST:PORT``), announcing ``socket_type``, handshake done; None if nothing
+    listens there yet. ValueError or TimeoutError if the handshake fails."""
     match = _ENDPOINT.match(endpoint)
     if match is None:
         raise ValueError(f"not an ipc:// or tcp:// endpoint: {endpoint!r}")
@@ -159,5 +190,9 @@ def connect(endpoint: str, socket_type: str) -> FramedStream | None:
         raise
     if path is None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(greeting() + ready_command(socket_type))
+    try:
+        handshake(sock, socket_type)
+    except (OSError, ValueError):
+        sock.close()
+        raise
     return FramedStream(sock, ZmtpLayout())

@@ -52,6 +52,22 @@ def test_a_libzmq_push_reaches_our_pull_short_long_and_multipart(context, endpoi
         pull.close()
 
 
+def test_our_first_messages_right_after_connecting_are_taken(context, endpoint):
+    """libzmq drops a connection whose first message arrives before it has sent its
+    own READY (it takes it for a second handshake command): connect() waits for it."""
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.bind(endpoint)
+    for number in range(30):
+        pub = zmtp.connect(endpoint, "PUB")
+        try:
+            pub.send([b"message %d" % number])
+            assert sub.poll(5000)
+            assert sub.recv_multipart() == [b"message %d" % number]
+        finally:
+            pub.close()
+
+
 def test_our_pub_reaches_a_libzmq_sub_which_keeps_what_it_subscribed_to(context, endpoint):
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"UUID ")
@@ -62,8 +78,7 @@ def test_our_pub_reaches_a_libzmq_sub_which_keeps_what_it_subscribed_to(context,
         pub.send([b"UUID 1:1, at once"])  # before the handshake is even read: not lost
         pub.send([b"OTHER 1:1, filtered"])
         pub.send([big, b"UUID 1:3, second part"])
-        assert pub.backlogged  # more than the socket buffers: it waits for flush()
-        got = []
+        got = []  # what the socket did not take waits for flush()
         deadline = time.monotonic() + 5
         while len(got) < 2 and time.monotonic() < deadline:
             pub.flush()
@@ -81,8 +96,8 @@ def test_our_pub_reaches_a_libzmq_sub_which_keeps_what_it_subscribed_to(context,
 @given(messages, st.lists(st.integers(min_value=1, max_value=70), min_size=1))
 def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
     layout = zmtp.ZmtpLayout()
-    wire = zmtp.greeting() + zmtp.ready_command("PUSH") + b"".join(
-        b"".join(layout.encode(frames)) for frames in sent)
+    ping = bytes([4, 5]) + b"\x04PING"  # a command among the messages: taken, not returned
+    wire = ping + b"".join(b"".join(layout.encode(frames)) for frames in sent)
     left, right = socket.socketpair()
     stream = framing.FramedStream(right, zmtp.ZmtpLayout())
     try:
@@ -101,40 +116,65 @@ def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
         stream.close()
 
 
-def peer_sends(data: bytes) -> framing.FramedStream:
+def handshake_with(peer_bytes: bytes, timeout: float = 1.0) -> None:
+    """Our handshake against a peer that answers ``peer_bytes`` and closes."""
+    left, right = socket.socketpair()
+    try:
+        left.sendall(peer_bytes)
+        left.shutdown(socket.SHUT_WR)
+        zmtp.handshake(right, "PUB", timeout)
+    finally:
+        left.close()
+        right.close()
+
+
+READY = zmtp.ready_command("SUB")
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (b"GET / HTTP/1.1\r\n" * 4, "bad signature"),
+    (zmtp.greeting()[:10] + b"\x02\x00" + zmtp.greeting()[12:], "ZMTP 2.0"),
+    (zmtp.greeting()[:12] + b"CURVE".ljust(20, b"\x00") + zmtp.greeting()[32:], "'CURVE'"),
+    (zmtp.greeting() + bytes([4, 12]) + b"\x05ERROR\x05nope!", "'nope!'"),
+    (zmtp.greeting() + b"\x00\x05hello", "did not answer with READY"),
+    (zmtp.greeting()[:30], "closed the connection during the handshake"),
+])
+def test_a_peer_that_does_not_answer_a_zmtp_3_null_handshake_is_refused(answer, reason):
+    with pytest.raises(ValueError, match=reason):
+        handshake_with(answer)
+
+
+def test_the_handshake_with_a_zmtp_peer_succeeds_and_a_silent_one_times_out():
+    handshake_with(zmtp.greeting() + READY)
+    left, right = socket.socketpair()
+    try:
+        with pytest.raises(TimeoutError):
+            zmtp.handshake(right, "PUB", timeout=0.2)
+    finally:
+        left.close()
+        right.close()
+
+
+def stream_fed(data: bytes) -> framing.FramedStream:
     left, right = socket.socketpair()
     left.sendall(data)
     left.close()
     return framing.FramedStream(right, zmtp.ZmtpLayout())
 
 
-@pytest.mark.parametrize("greeting, reason", [
-    (b"GET / HTTP/1.1\r\n" * 4, "bad signature"),
-    (zmtp.greeting()[:10] + b"\x02\x00" + zmtp.greeting()[12:], "ZMTP 2.0"),
-    (zmtp.greeting()[:12] + b"CURVE".ljust(20, b"\x00") + zmtp.greeting()[32:], "'CURVE'"),
-])
-def test_a_peer_that_does_not_speak_zmtp_3_with_null_is_refused(greeting, reason):
-    stream = peer_sends(greeting)
+def test_an_error_command_after_the_handshake_gives_its_reason():
+    body = b"\x05ERROR\x0bbad account"
+    stream = stream_fed(bytes([4, len(body)]) + body)
     try:
-        with pytest.raises(ValueError, match=reason):
+        with pytest.raises(ValueError, match="bad account"):
             stream.receive()
         assert stream.closed
     finally:
         stream.close()
 
 
-def test_an_error_command_gives_its_reason():
-    body = b"\x05ERROR\x0bbad account"
-    stream = peer_sends(zmtp.greeting() + bytes([4, len(body)]) + body)
-    try:
-        with pytest.raises(ValueError, match="bad account"):
-            stream.receive()
-    finally:
-        stream.close()
-
-
 def test_a_frame_of_absurd_size_is_a_corrupt_stream():
-    stream = peer_sends(zmtp.greeting() + b"\x02" + (1 << 40).to_bytes(8, "big") + b"x")
+    stream = stream_fed(b"\x02" + (1 << 40).to_bytes(8, "big") + b"x")
     try:
         with pytest.raises(ValueError, match="a frame of"):
             stream.receive()
