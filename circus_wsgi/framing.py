@@ -271,12 +271,18 @@ def accept(listener: socket.socket) -> FramedStream | None:
 
 def connect(path: str) -> FramedStream | None:
     """A connection to the listener at ``path``, or None if nobody listens there yet."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = connect_socket(socket.AF_UNIX, path)
+    return None if sock is None else FramedStream(sock)
+
+
+def connect_socket(family: int, address: object) -> socket.socket | None:
+    """A stream socket connected to ``address``, or None if nobody listens there yet."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.connect(path)
+        sock.connect(address)
     except OSError as error:
         sock.close()
         if error.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
             return None
         raise
-    return FramedStream(sock)
+    return sock

@@ -24,13 +24,12 @@ ZMTP 3 with NULL security, or answers with an ERROR command, is refused
 
 from __future__ import annotations
 
-import errno
 import re
 import socket
 import struct
 from typing import Sequence
 
-from .framing import FramedStream
+from .framing import FramedStream, connect_socket
 
 __all__ = ["ZmtpLayout", "connect", "handshake", "greeting", "ready_command"]
 
@@ -175,19 +174,12 @@ def connect(endpoint: str, socket_type: str) -> FramedStream | None:
         raise ValueError(f"not an ipc:// or tcp:// endpoint: {endpoint!r}")
     path, host, port = match.groups()
     if path is not None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: object = path
+        sock = connect_socket(socket.AF_UNIX, path)
     else:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        address = (host.strip("[]"), int(port))
-    try:
-        sock.connect(address)
-    except OSError as error:
-        sock.close()
-        if error.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
-            return None
-        raise
+        sock = connect_socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                              (host.strip("[]"), int(port)))
+    if sock is None:
+        return None
     if path is None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:

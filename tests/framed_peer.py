@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 from collections import deque
 from typing import Sequence
@@ -67,3 +68,24 @@ class FramedListener:
     def close(self) -> None:
         self.listener.close()
         os.unlink(self.path)
+
+
+def receive_in_pieces(wire: bytes, cuts: Sequence[int],
+                      layout: framing.Layout = framing.LengthPrefixed()) -> list[list[bytes]]:
+    """The messages a stream reads from ``wire`` when the bytes arrive in pieces of the
+    sizes in ``cuts`` (in turn), each piece read before the next is written."""
+    left, right = socket.socketpair()
+    stream = framing.FramedStream(right, layout)
+    try:
+        got, at, turn = [], 0, 0
+        while at < len(wire):
+            size = cuts[turn % len(cuts)]
+            left.sendall(wire[at:at + size])
+            at, turn = at + size, turn + 1
+            got += stream.receive()
+        while select.select([right], [], [], 0)[0]:  # read on while there is more to read
+            got += stream.receive()
+        return got
+    finally:
+        left.close()
+        stream.close()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import select
 import socket
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from circus_wsgi import framing
+from framed_peer import receive_in_pieces
 
 messages = st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=6), max_size=8)
 
@@ -33,22 +33,9 @@ def receive_all(stream: framing.FramedStream, count: int) -> list[list[bytes]]:
 @given(messages, st.lists(st.integers(min_value=1, max_value=50), min_size=1))
 def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
     wire = b"".join(framing.encode_message(frames) for frames in sent)
-    left, right = socket.socketpair()
-    stream = framing.FramedStream(right)
-    try:
-        got, at, turn = [], 0, 0
-        while at < len(wire):  # the reader sees the bytes in pieces of the given sizes
-            size = cuts[turn % len(cuts)]
-            left.sendall(wire[at:at + size])
-            at, turn = at + size, turn + 1
-            got += stream.receive()
-        while select.select([right], [], [], 0)[0]:  # read on while there is more to read
-            got += stream.receive()
-        assert got == sent
-        assert all(type(frame) is bytes for frames in got for frame in frames)
-    finally:
-        left.close()
-        stream.close()
+    got = receive_in_pieces(wire, cuts)  # the reader sees the bytes in pieces of these sizes
+    assert got == sent
+    assert all(type(frame) is bytes for frames in got for frame in frames)
 
 
 def test_what_the_kernel_does_not_take_waits_in_order_until_flush(pair):

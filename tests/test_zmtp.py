@@ -13,6 +13,7 @@ import zmq
 from hypothesis import given, settings, strategies as st
 
 from circus_wsgi import framing, zmtp
+from framed_peer import receive_in_pieces
 
 messages = st.lists(st.lists(st.binary(max_size=600), min_size=1, max_size=4), max_size=8)
 
@@ -98,22 +99,9 @@ def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
     layout = zmtp.ZmtpLayout()
     ping = bytes([4, 5]) + b"\x04PING"  # a command among the messages: taken, not returned
     wire = ping + b"".join(b"".join(layout.encode(frames)) for frames in sent)
-    left, right = socket.socketpair()
-    stream = framing.FramedStream(right, zmtp.ZmtpLayout())
-    try:
-        got, at, turn = [], 0, 0
-        while at < len(wire):
-            size = cuts[turn % len(cuts)]
-            left.sendall(wire[at:at + size])
-            at, turn = at + size, turn + 1
-            got += stream.receive()
-        while select.select([right], [], [], 0)[0]:
-            got += stream.receive()
-        assert got == sent
-        assert all(type(frame) is bytes for frames in got for frame in frames)
-    finally:
-        left.close()
-        stream.close()
+    got = receive_in_pieces(wire, cuts, zmtp.ZmtpLayout())
+    assert got == sent
+    assert all(type(frame) is bytes for frames in got for frame in frames)
 
 
 def handshake_with(peer_bytes: bytes, timeout: float = 1.0) -> None:
