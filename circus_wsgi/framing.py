@@ -124,8 +124,11 @@ class FramedStream:
         # A message of known size still arriving, read in place: no joining of reads.
         self._arriving: bytearray | None = None
         self._filled = 0
-        self._waiting: deque[bytes] = deque()  # whole encoded messages not yet written
-        self._written = 0  # bytes of the first waiting message already written
+        # Messages not yet completely written, each as its buffers still to write (the
+        # first one's are trimmed as the kernel takes them: nothing is joined or copied),
+        # and the first one's buffers as they were, once part of it is written.
+        self._waiting: deque[list] = deque()
+        self._begun: list | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -192,27 +195,49 @@ class FramedStream:
         if self.closed:
             raise ConnectionError("connection closed")
         buffers = self.layout.encode(frames)
-        if self._waiting:  # behind messages already waiting, which go first
-            self._waiting.append(b"".join(buffers))
+        if self._waiting or len(buffers) > MAX_BUFFERS:  # behind messages already waiting
+            self._waiting.append(buffers)
             self.flush()
             return
-        if len(buffers) > MAX_BUFFERS:
-            buffers = [b"".join(buffers)]
-        total = sum(len(buffer) for buffer in buffers)
         written = self._write(buffers)
-        if written < total:
-            self._waiting.append(b"".join(buffers))
-            self._written = written
+        if written < sum([len(buffer) for buffer in buffers]):
+            self._waiting.append(buffers)
+            self._consume(written)
 
     def flush(self) -> None:
         """Write what waits, as far as the kernel takes it."""
         while self._waiting:
-            first = self._waiting[0]
-            self._written += self._write([memoryview(first)[self._written:]])
-            if self._written < len(first):
+            batch = []
+            for buffers in self._waiting:
+                batch += buffers
+                if len(batch) >= MAX_BUFFERS:
+                    del batch[MAX_BUFFERS:]
+                    break
+            written = self._write(batch)
+            if not written:
                 return
-            self._waiting.popleft()
-            self._written = 0
+            self._consume(written)
+
+    def _consume(self, written: int) -> None:
+        """Drop the first ``written`` bytes of what waits (the kernel took them)."""
+        waiting = self._waiting
+        while written:
+            buffers = waiting[0]
+            if self._begun is None:
+                self._begun = buffers.copy()
+            taken = 0
+            for buffer in buffers:
+                if len(buffer) > written:
+                    break
+                written -= len(buffer)
+                taken += 1
+            if taken < len(buffers):
+                del buffers[:taken]
+                if written:
+                    buffers[0] = memoryview(buffers[0])[written:]
+                return
+            waiting.popleft()
+            self._begun = None
 
     def _write(self, buffers: list) -> int:
         try:
@@ -234,12 +259,15 @@ class FramedStream:
     def unsent(self) -> list[bytes]:
         """Take the messages not yet completely written (as encoded bytes), for another
         connection: the peer acts on a message only once it has all of it."""
-        waiting, self._waiting, self._written = list(self._waiting), deque(), 0
-        return waiting
+        if self._begun is not None:
+            self._waiting[0] = self._begun
+        unsent = [b"".join(buffers) for buffers in self._waiting]
+        self._waiting, self._begun = deque(), None
+        return unsent
 
     def resend(self, encoded: list[bytes]) -> None:
         """Queue messages taken from another stream's :meth:`unsent`, and write them."""
-        self._waiting.extend(encoded)
+        self._waiting.extend([message] for message in encoded)
         self.flush()
 
     def close(self) -> None:

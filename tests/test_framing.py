@@ -97,6 +97,55 @@ def test_messages_not_written_whole_can_go_to_another_connection(pair):
         other.close()
 
 
+def small_buffer_pair() -> tuple[framing.FramedStream, framing.FramedStream]:
+    """A connection whose writer's kernel buffer holds a few KB: writes stop part-way
+    through messages and through their buffers."""
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return framing.FramedStream(left), framing.FramedStream(right)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.binary(max_size=5000), min_size=1, max_size=30), min_size=1,
+                max_size=10), st.integers(min_value=0, max_value=10), st.booleans())
+def test_partial_writes_deliver_each_message_whole_and_once_across_a_new_connection(
+        sent, switch_at, read_between):
+    """Messages sent while the reader lags, the connection replaced after ``switch_at``
+    of them: the first reader gets whole messages, the new connection the rest."""
+    writer, reader = small_buffer_pair()
+    received: list[list[bytes]] = []
+    try:
+        for number, frames in enumerate(sent):
+            if number == switch_at:
+                unsent = writer.unsent()
+                writer.close()
+                while not reader.closed:  # the end of a message cut off is dropped
+                    received += reader.receive()
+                reader.close()
+                writer, reader = small_buffer_pair()
+                writer.resend(unsent)
+            writer.send(frames)
+            if read_between:
+                received += reader.receive()
+        for _ in range(100_000):  # bounded: a lost byte must fail the test, not hang it
+            if len(received) >= len(sent):
+                break
+            writer.flush()
+            received += reader.receive()
+        assert received == sent and not writer.backlogged
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_message_of_more_frames_than_one_system_call_takes(pair):
+    writer, reader = pair
+    frames = [b"%d" % number for number in range(3 * framing.MAX_BUFFERS)]
+    writer.send(frames)
+    writer.send([b"after"])
+    assert receive_all(reader, 2) == [frames, [b"after"]]
+
+
 @pytest.mark.parametrize("wire", [
     b"\x00\x00\x00\x08\x00\x00\x00\x05" + b"\x00" * 4,  # five frame lengths in 8 bytes
     b"\x00\x00\x00\x09\x00\x00\x00\x01\x00\x00\x00\x03ab",  # lengths add up to more
