@@ -29,6 +29,8 @@ WINDOW = 100 * 1024
 MAX_TARGETS = 128
 
 HeaderValue = Union[bytes, list]
+#: A part of a response body: a slice of a larger one is a memoryview, not a copy.
+Buffer = Union[bytes, memoryview]
 
 UPLOAD_START = b"x-mongrel2-upload-start"
 UPLOAD_DONE = b"x-mongrel2-upload-done"
@@ -242,21 +244,23 @@ def upload_file(message: Message, directory: str | bytes) -> bytes | None:
     return path if os.path.dirname(os.path.normpath(path)) == folder else None
 
 
-def response(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]], body: bytes) -> bytes:
-    """A response message: ``body`` written verbatim to each connection.
+def response(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]], *body: Buffer) -> bytes:
+    """A response message: the ``body`` parts, joined, written verbatim to each connection.
 
-    ``conn_ids`` is one id or up to :data:`MAX_TARGETS` of them. An empty body
-    closes the connections.
+    ``conn_ids`` is one id or up to :data:`MAX_TARGETS` of them. No body (or an
+    empty one) closes the connections. (The parts are copied once, into the message.)
     """
     ids = conn_ids if isinstance(conn_ids, bytes) else b" ".join(conn_ids)
     if not ids or ids.count(b" ") >= MAX_TARGETS:
         raise ProtocolError(f"a response addresses 1 to {MAX_TARGETS} connections")
-    return b"%s %d:%s, %s" % (sender, len(ids), ids, body)
+    if len(body) == 1:
+        return b"%s %d:%s, %s" % (sender, len(ids), ids, body[0])
+    return b"".join((b"%s %d:%s, " % (sender, len(ids), ids), *body))
 
 
 def close(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]]) -> bytes:
     """The message that makes mongrel2 close the connections."""
-    return response(sender, conn_ids, b"")
+    return response(sender, conn_ids)
 
 
 #: An extended message's body: ``["ctl", {"keep-alive": true}]`` as a tnetstring.

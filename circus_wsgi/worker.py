@@ -164,13 +164,16 @@ class Outbox:
             self._await()
             self._send(self._messages(), False)
 
-    def finish(self, data: bytes, close: bool) -> None:
-        """Send the last ``data`` and the close message if ``close``; the request is done."""
-        if not self.gone and not self.started and self.pacer.fits(len(data)):
-            messages = [protocol.response(self.sender, self.conn_id, data)] if data else []
+    def finish(self, data: bytes, close: bool, body: bytes = b"") -> None:
+        """Send the last ``data``, then ``body`` (a head and a body need not be joined),
+        and the close message if ``close``; the request is done."""
+        if not self.gone and not self.started and self.pacer.fits(len(data) + len(body)):
+            messages = [protocol.response(self.sender, self.conn_id, data, body)] \
+                if data or body else []
         else:
             self.started = True
             self.pacer.add(data)
+            self.pacer.add(body)
             try:
                 messages = self._drain()
             except ClientGone:
@@ -191,8 +194,8 @@ class Outbox:
             self._await()
 
     def _messages(self) -> list[bytes]:
-        return [protocol.response(self.sender, self.conn_id, body)
-                for body in self.pacer.take(time.monotonic())]
+        return [protocol.response(self.sender, self.conn_id, *parts)
+                for parts in self.pacer.take(time.monotonic())]
 
     def _send(self, messages: list[bytes], done: bool) -> None:
         if messages:

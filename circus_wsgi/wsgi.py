@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 from urllib.parse import unquote_to_bytes
 
 from . import httpmsg
-from .protocol import WINDOW
+from .protocol import WINDOW, Buffer
 from .protocol import Message
 
 __all__ = ["Site", "Router", "Exchange", "Outbox", "ClientGone", "FileWrapper", "Pacer",
@@ -426,7 +426,7 @@ class Exchange:
             self._close = True  # the client would wait for bytes that never come
         self._started = True
         head = self._head()
-        self.out.finish(head + self._frame(body), self._close)
+        self.out.finish(head, self._close, self._frame(body))
 
     def _finish(self) -> None:
         if not self.status:
@@ -533,7 +533,7 @@ class Pacer:
     def __init__(self, window: Optional[int], credit: Optional[int] = None) -> None:
         self.window = window
         self.credit = (window or 0) if credit is None else min(credit, window or 0)
-        self._held: list[bytes] = []
+        self._held: list[Buffer] = []
         self._size = 0
         self._tokens = float(BURST)
         self._last = 0.0
@@ -558,8 +558,8 @@ class Pacer:
         if self.window is not None:
             self.credit = min(self.credit + credits, self.window)
 
-    def take(self, now: float) -> list[bytes]:
-        """The message bodies that may be sent now, in order."""
+    def take(self, now: float) -> list[list[Buffer]]:
+        """The message bodies that may be sent now, in order, each as its parts."""
         if not self._size:
             return []
         if self.window is None:
@@ -582,30 +582,42 @@ class Pacer:
             return None
         return max(0.0, (1.0 - self._tokens) * INTERVAL - (now - self._last))
 
-    def _joined(self) -> bytes:
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        self._held, self._size = [], 0
-        return data
+    def _take_all(self) -> list[Buffer]:
+        parts, self._held, self._size = self._held, [], 0
+        return parts
 
-    def _take_timed(self, now: float) -> list[bytes]:
+    def _take_timed(self, now: float) -> list[list[Buffer]]:
         self._tokens = min(float(BURST), self._tokens + (now - self._last) / INTERVAL)
         self._last = now
         if self._tokens < 1.0:
             return []
         self._tokens -= 1.0
-        return [self._joined()]
+        return [self._take_all()]
 
-    def _take_credited(self) -> list[bytes]:
+    def _take_credited(self) -> list[list[Buffer]]:
         piece = min(PIECE, self.window)
-        data = self._joined()
-        out, start = [], 0
-        while start < len(data):
-            size = min(len(data) - start, piece, self.credit)
-            if size < min(len(data) - start, piece // 4):
+        out = []
+        while self._size:
+            size = min(self._size, piece, self.credit)
+            if size < min(self._size, piece // 4):
                 break  # wait for credit rather than send slivers
-            out.append(data[start:start + size])
+            out.append(self._cut(size) if size < self._size else self._take_all())
             self.credit -= size
-            start += size
-        if start < len(data):
-            self.add(data[start:] if start else data)
         return out
+
+    def _cut(self, size: int) -> list[Buffer]:
+        """The first ``size`` bytes held, as parts: sliced, never copied."""
+        held, parts, taken = self._held, [], 0
+        self._size -= size
+        while size:
+            first = held[taken]
+            if len(first) > size:
+                view = memoryview(first)
+                parts.append(view[:size])
+                held[taken] = view[size:]
+                break
+            parts.append(first)
+            size -= len(first)
+            taken += 1
+        del held[:taken]
+        return parts
