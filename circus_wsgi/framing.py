@@ -31,6 +31,11 @@ from typing import Protocol, Sequence
 #: buffer this size: cheap with :func:`memory.tune_malloc`, which keeps blocks this large
 #: in the heap; glibc's default would map and unmap it each time, 10x the cost.)
 READ_SIZE = 256 * 1024
+#: The kernel's send buffer asked for each connection (Linux caps it at
+#: net.core.wmem_max). With the default, 208 KiB, a worker's batch of 100 KB responses
+#: went out in several writes, each waiting for the reader: 4 MiB made the 100 KB
+#: benchmark 17 % and the 1 MB echo 19 % faster (measured on a 4 MiB wmem_max).
+SEND_BUFFER = 4 * 1024 * 1024
 #: sendmsg takes at most this many buffers (IOV_MAX is 1024 on Linux).
 MAX_BUFFERS = 1024
 _HEAD = struct.Struct("!II")  # size, frame count
@@ -117,6 +122,7 @@ class FramedStream:
 
     def __init__(self, sock: socket.socket, layout: Layout = LengthPrefixed()) -> None:
         sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.sock = sock
         self.layout = layout
         self.closed = False

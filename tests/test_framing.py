@@ -40,7 +40,7 @@ def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
 
 def test_what_the_kernel_does_not_take_waits_in_order_until_flush(pair):
     writer, reader = pair
-    big = b"x" * (4 << 20)  # more than a Unix socket buffers
+    big = b"x" * (4 * framing.SEND_BUFFER)  # more than the kernel buffers
     writer.send([b"first", big])
     writer.send([b"second"])
     assert writer.backlogged
@@ -54,7 +54,7 @@ def test_what_the_kernel_does_not_take_waits_in_order_until_flush(pair):
 def test_each_send_also_writes_what_waits(pair):
     """A sender that always has more to send may never call flush()."""
     writer, reader = pair
-    big = b"z" * (4 << 20)
+    big = b"z" * (4 * framing.SEND_BUFFER)
     writer.send([big])
     assert writer.backlogged
     got: list[list[bytes]] = []
@@ -78,7 +78,7 @@ def test_the_end_of_the_stream_closes_it_and_sending_then_fails(pair):
 
 def test_messages_not_written_whole_can_go_to_another_connection(pair):
     writer, reader = pair
-    big = b"y" * (4 << 20)
+    big = b"y" * (4 * framing.SEND_BUFFER)
     writer.send([b"one", big])
     writer.send([b"two"])
     unsent = writer.unsent()  # the peer did not get all of "one": it is sent again whole
@@ -100,9 +100,15 @@ def test_messages_not_written_whole_can_go_to_another_connection(pair):
 def small_buffer_pair() -> tuple[framing.FramedStream, framing.FramedStream]:
     """A connection whose writer's kernel buffer holds a few KB: writes stop part-way
     through messages and through their buffers."""
-    left, right = socket.socketpair()
-    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    return framing.FramedStream(left), framing.FramedStream(right)
+    writer, reader = (framing.FramedStream(end) for end in socket.socketpair())
+    writer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return writer, reader
+
+
+def test_a_connection_asks_the_kernel_for_a_large_send_buffer(pair):
+    with open("/proc/sys/net/core/wmem_max") as limit:
+        allowed = min(framing.SEND_BUFFER, int(limit.read()))
+    assert pair[0].sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= allowed
 
 
 @settings(max_examples=60, deadline=None)
