@@ -44,7 +44,7 @@ from .flowcontrol import Windows
 from .httpmsg import error_response
 from .lifeline import die_with_parent
 from .memory import tune_malloc
-from .protocol import (UPLOAD_START, Kind, Message, ProtocolError, close, granted,
+from .protocol import (UPLOAD_START, Buffer, Kind, Message, ProtocolError, close, granted,
                        is_smuggling_risk, parse, plain_request, response)
 from .rundir import RunDir
 from .settings import Settings
@@ -60,6 +60,9 @@ CREDITS_BODY = b'18:{"type":"credits"},'
 DISCONNECT_BODY = b'21:{"type":"disconnect"},'
 #: How often queue and request deadlines are checked, in seconds.
 TICK = 0.1
+#: Workers' frames this large (response messages) are forwarded as views of the bytes
+#: read, not copied out of them (:class:`framing.LengthPrefixed`).
+WORKER_LAYOUT = framing.LengthPrefixed(view_from=16 * 1024)
 #: After a worker's process exits, how long its last frames (already sent, maybe not
 #: yet read) may take to arrive before what it still holds is answered with 502.
 EXIT_GRACE = 0.1
@@ -92,7 +95,7 @@ class Dispatcher:
         self.batches: dict[bytes, list[Pending]] = {}  # handed over, sent at the loop's turn
         # With flow control, every response goes through the connections' windows.
         self.windows = Windows(self._to_mongrel2) if settings.flow_control else None
-        self.outgoing: list[bytes] = []  # for mongrel2, sent at the loop's turn
+        self.outgoing: list[Buffer] = []  # for mongrel2, sent at the loop's turn
         self.prefetch, self.max_queue = settings.prefetch, settings.max_queue
         self.uploads: dict[bytes, bytes] = {}  # conn_id -> temp file still being uploaded
         self.refused: dict[bytes, float] = {}  # conn_id -> until when its requests are dropped
@@ -177,7 +180,7 @@ class Dispatcher:
         os.close(wake_w)
         return EXIT_OK
 
-    def _to_mongrel2(self, message: bytes) -> None:
+    def _to_mongrel2(self, message: Buffer) -> None:
         """Queue a message for mongrel2; every message goes out in this order."""
         self.outgoing.append(message)
 
@@ -270,7 +273,7 @@ class Dispatcher:
 
     def _accept_workers(self) -> None:
         while True:
-            link = framing.accept(self.listener)
+            link = framing.accept(self.listener, WORKER_LAYOUT)
             if link is None:
                 return
             identity = b"%d" % next(self.link_numbers)
@@ -529,16 +532,18 @@ class Dispatcher:
 
     # ------------------------------------------------------ from workers
 
-    def _on_worker(self, identity: bytes, frames: list[bytes]) -> None:
-        """One worker message; a malformed one is logged and counted, never fatal."""
+    def _on_worker(self, identity: bytes, frames: list[framing.Frame]) -> None:
+        """One worker message; a malformed one is logged and counted, never fatal. (A
+        large frame is a memoryview: where bytes are expected, it is malformed too.)"""
         try:
             self._on_worker_command(identity, frames[0], frames)
-        except (IndexError, ValueError) as error:
+        except (IndexError, ValueError, TypeError, AttributeError) as error:
             self.counters.malformed += 1
             log.warning("malformed message from a worker (%s): %r", error,
-                        [f[:40] for f in frames[:4]])
+                        [bytes(f[:40]) for f in frames[:4]])
 
-    def _on_worker_command(self, identity: bytes, command: bytes, frames: list[bytes]) -> None:
+    def _on_worker_command(self, identity: bytes, command: framing.Frame,
+                           frames: list[framing.Frame]) -> None:
         if command == dp.OUTPUT:
             self._on_output(identity, frames[1].split(), frames[2].split(), frames[3:])
         elif command == dp.READY:
@@ -556,7 +561,7 @@ class Dispatcher:
             log.warning("unknown command %r from a worker", command)
 
     def _on_output(self, identity: bytes, done: list[bytes], started: list[bytes],
-                   messages: list[bytes]) -> None:
+                   messages: list[Buffer]) -> None:
         if self.windows is not None:
             self.windows.forward(messages)
         else:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from .protocol import WINDOW, addressed, close, keep_alive
+from .protocol import WINDOW, Buffer, addressed, close, keep_alive, sender_of
 
 #: Bytes of a response a worker may send before it waits for credits.
 BUDGET = 2 * 1024 * 1024
@@ -47,10 +47,10 @@ MAX_TRACKED = 65536
 class Windows:
     """Each connection's window left and the messages held back for it."""
 
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    def __init__(self, send: Callable[[Buffer], None]) -> None:
         self.send = send
         self.left: dict[bytes, int] = {}  # conn_id -> bytes mongrel2 will still take
-        self.held: dict[bytes, deque[tuple[bytes, int]]] = {}  # conn_id -> (message, size)
+        self.held: dict[bytes, deque[tuple[Buffer, int]]] = {}  # conn_id -> (message, size)
         self.held_bytes: dict[bytes, int] = {}
         self.held_total = 0
         self.quiet_since: dict[bytes, float] = {}  # conn_id -> last credits (or first hold)
@@ -64,7 +64,7 @@ class Windows:
         spare = BUDGET - WINDOW if self.held_total < HELD_MAX else 0
         return max(0, self.left.get(conn, UNKNOWN) + spare - self.held_bytes.get(conn, 0))
 
-    def forward(self, messages: list[bytes]) -> None:
+    def forward(self, messages: list[Buffer]) -> None:
         """Send response messages in order, holding back those that would pass a window."""
         for message in messages:
             conns, size = addressed(message)
@@ -102,7 +102,7 @@ class Windows:
 
     def abandon(self) -> list[bytes]:
         """Drop everything held back; the close messages for those connections."""
-        closes = [close(queue[0][0].partition(b" ")[0], conn) for conn, queue in self.held.items()]
+        closes = [close(sender_of(queue[0][0]), conn) for conn, queue in self.held.items()]
         for conn in list(self.held):
             self.forget(conn)
         return closes
@@ -112,7 +112,7 @@ class Windows:
         for conn, since in list(self.quiet_since.items()):
             if now - since >= PROBE_AFTER:
                 self.quiet_since[conn] = now
-                sender = self.held[conn][0][0].partition(b" ")[0]
+                sender = sender_of(self.held[conn][0][0])
                 self.send(keep_alive(sender, conn))
 
     def prune(self) -> None:
@@ -122,14 +122,14 @@ class Windows:
                 if conn not in self.held:
                     del self.left[conn]
 
-    def _send(self, conn: bytes, message: bytes, size: int) -> None:
+    def _send(self, conn: bytes, message: Buffer, size: int) -> None:
         self.send(message)
         if size > 0:
             self.left[conn] = self.left.get(conn, UNKNOWN) - size
         elif size == 0:  # a close: the connection is done
             self.forget(conn)
 
-    def _hold(self, conn: bytes, message: bytes, size: int) -> None:
+    def _hold(self, conn: bytes, message: Buffer, size: int) -> None:
         if conn not in self.held:
             self.held[conn] = deque()
             self.quiet_since[conn] = time.monotonic()

@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, Union
 
 #: Bytes taken from the kernel per :meth:`FramedStream.receive`. (Each read allocates a
 #: buffer this size: cheap with :func:`memory.tune_malloc`, which keeps blocks this large
@@ -40,6 +40,8 @@ SEND_BUFFER = 4 * 1024 * 1024
 MAX_BUFFERS = 1024
 _HEAD = struct.Struct("!II")  # size, frame count
 _SIZE = struct.Struct("!I")
+#: A received frame: bytes, or a view of the bytes read (see :class:`LengthPrefixed`).
+Frame = Union[bytes, memoryview]
 
 
 def encode(frames: Sequence[bytes]) -> list[bytes]:
@@ -55,12 +57,16 @@ def encode_message(frames: Sequence[bytes]) -> bytes:
     return b"".join(encode(frames))
 
 
-def decode(data: bytes | bytearray) -> tuple[list[list[bytes]], int]:
+def decode(data: bytes | bytearray,
+           view_from: int | None = None) -> tuple[list[list[Frame]], int]:
     """The complete messages at the start of ``data``, and how many bytes they took.
-    Frames are bytes, copied once (through a memoryview if ``data`` is a bytearray)."""
+    Frames are bytes, copied once (through a memoryview if ``data`` is a bytearray);
+    with ``view_from``, frames of that many bytes or more are memoryviews of ``data``,
+    not copies (``data`` must then never change)."""
     messages = []
     at, end = 0, len(data)
     piece = data if type(data) is bytes else memoryview(data)
+    view = memoryview(data) if view_from is not None else None
     while end - at >= 8:
         size, count = _HEAD.unpack_from(data, at)
         stop = at + 4 + size
@@ -71,8 +77,11 @@ def decode(data: bytes | bytearray) -> tuple[list[list[bytes]], int]:
             raise ValueError(f"{count} frames do not fit in a message of {size} bytes")
         frames = []
         for length in struct.unpack_from("!%dI" % count, data, at + 8):
-            frames.append(bytes(piece[position:position + length]) if piece is not data
-                          else data[position:position + length])
+            if view is not None and length >= view_from:
+                frames.append(view[position:position + length])
+            else:
+                frames.append(bytes(piece[position:position + length]) if piece is not data
+                              else data[position:position + length])
             position += length
         if position != stop:
             raise ValueError(f"frame lengths {position - at - 4} do not add up to {size}")
@@ -87,7 +96,7 @@ class Layout(Protocol):
     def encode(self, frames: Sequence[bytes]) -> list[bytes]:
         """The buffers of one message on the wire."""
 
-    def decode(self, data: bytes | bytearray) -> tuple[list[list[bytes]], int]:
+    def decode(self, data: bytes | bytearray) -> tuple[list[list[Frame]], int]:
         """The complete messages at the start of ``data``, and how many bytes were used."""
 
     def size_at(self, data: bytes | bytearray, at: int) -> int | None:
@@ -97,10 +106,17 @@ class Layout(Protocol):
 
 
 class LengthPrefixed:
-    """The dispatcher-worker layout (see the module's docstring)."""
+    """The dispatcher-worker layout (see the module's docstring). With ``view_from``,
+    received frames of that many bytes or more are memoryviews, not copies: for a
+    reader that only forwards them (the dispatcher, its workers' responses)."""
 
     encode = staticmethod(encode)
-    decode = staticmethod(decode)
+
+    def __init__(self, view_from: int | None = None) -> None:
+        self.view_from = view_from
+
+    def decode(self, data: bytes | bytearray) -> tuple[list[list[Frame]], int]:
+        return decode(data, self.view_from)
 
     @staticmethod
     def size_at(data: bytes | bytearray, at: int) -> int | None:
@@ -146,7 +162,7 @@ class FramedStream:
 
     # -- in
 
-    def receive(self) -> list[list[bytes]]:
+    def receive(self) -> list[list[Frame]]:
         """The messages that have arrived complete (one read from the kernel).
 
         Raises ValueError (and the stream is closed) if the bytes are not framed
@@ -180,7 +196,7 @@ class FramedStream:
             self.closed = True  # the peer does not speak this protocol: nothing more from it
             raise
 
-    def _take(self, chunk: bytes | bytearray) -> list[list[bytes]]:
+    def _take(self, chunk: bytes | bytearray) -> list[list[Frame]]:
         """Decode the whole messages of ``chunk``; keep the start of the next one."""
         messages, used = self.layout.decode(chunk)
         rest = len(chunk) - used
@@ -294,13 +310,13 @@ def listen(path: str) -> socket.socket:
     return listener
 
 
-def accept(listener: socket.socket) -> FramedStream | None:
-    """The next waiting connection, or None."""
+def accept(listener: socket.socket, layout: Layout | None = None) -> FramedStream | None:
+    """The next waiting connection (in ``layout``, length-prefixed by default), or None."""
     try:
         sock, _ = listener.accept()
     except BlockingIOError:
         return None
-    return FramedStream(sock)
+    return FramedStream(sock, layout or LengthPrefixed())
 
 
 def connect(path: str) -> FramedStream | None:

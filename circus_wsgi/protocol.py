@@ -19,8 +19,8 @@ from typing import Iterable, Union
 import tnetstring
 
 __all__ = ["Kind", "Message", "ProtocolError", "parse", "plain_request", "granted",
-           "addressed", "response", "close", "keep_alive", "is_smuggling_risk", "upload_file",
-           "MAX_TARGETS", "WINDOW"]
+           "addressed", "sender_of", "response", "close", "keep_alive", "is_smuggling_risk",
+           "upload_file", "MAX_TARGETS", "WINDOW"]
 
 #: mongrel2 1.12's download window per connection (MAX_CREDITS; not a setting).
 WINDOW = 100 * 1024
@@ -29,6 +29,8 @@ WINDOW = 100 * 1024
 MAX_TARGETS = 128
 
 HeaderValue = Union[bytes, list]
+#: Bytes of a response message that hold its sender and connection ids (as a rule).
+_HEAD_MAX = 4096
 #: A part of a response body: a slice of a larger one is a memoryview, not a copy.
 Buffer = Union[bytes, memoryview]
 
@@ -161,20 +163,27 @@ def granted(data: bytes) -> int:
         return 0
 
 
-def addressed(message: bytes) -> tuple[list[bytes], int]:
+def addressed(message: Buffer) -> tuple[list[bytes], int]:
     """The connection ids a response message is for and the bytes it writes to each:
     0 for a close, -1 for a control message (its ids begin with ``X``). (Searches
     and slices only the head: the body, maybe megabytes, is never copied.)"""
-    space = message.find(b" ")
-    colon = message.find(b":", space + 1, space + 12) if space >= 0 else -1
-    length = message[space + 1:colon]
+    head = message if type(message) is bytes else bytes(message[:_HEAD_MAX])
+    space = head.find(b" ")
+    colon = head.find(b":", space + 1, space + 12) if space >= 0 else -1
+    length = head[space + 1:colon]
     if colon < 0 or not length.isdigit():
         return [], -1
     start = colon + 1
     end = start + int(length)
-    if message.startswith(b"X ", start):
-        return message[start + 2:end].split(), -1
-    return message[start:end].split(), max(0, len(message) - end - 2)
+    ids = head[start:end] if end <= len(head) else bytes(message[start:end])
+    if ids.startswith(b"X "):
+        return ids[2:].split(), -1
+    return ids.split(), max(0, len(message) - end - 2)
+
+
+def sender_of(message: Buffer) -> bytes:
+    """The sender a response message begins with."""
+    return bytes(message[:_HEAD_MAX]).partition(b" ")[0]
 
 
 def _decode_headers(data: bytes, offset: int, start: int, end: int, protocol: str) -> dict:

@@ -464,10 +464,12 @@ def test_a_malformed_worker_message_is_counted_and_changes_nothing(stack):
     broken.sock = FramedPeer.connect(RunDir(Path(settings.run_dir)).dispatcher)
     broken.sock.send_multipart([dp.READY, b"not-a-pid"])
     broken.sock.send_multipart([dp.OUTPUT])
+    large = b"7" * (64 * 1024)  # frames this large are read as views, not bytes
+    broken.sock.send_multipart([dp.OUTPUT, large, b"", b"x"])
     good = worker()
     mongrel2.send(request_bytes(1))
     assert good.take() == b"1" and process.poll() is None
-    assert read_status(settings)["malformed"] == 2
+    assert read_status(settings)["malformed"] == 3
     broken.sock.close()
 
 

@@ -38,6 +38,19 @@ def test_messages_come_out_whole_however_the_bytes_are_split(sent, cuts):
     assert all(type(frame) is bytes for frames in got for frame in frames)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=5),
+                min_size=1, max_size=5), st.lists(st.integers(min_value=1, max_value=4000),
+                                                  min_size=1))
+def test_large_frames_can_be_read_as_views_instead_of_copies(sizes, cuts):
+    sent = [[bytes([n % 256]) * size for n, size in enumerate(message)] for message in sizes]
+    wire = b"".join(framing.encode_message(frames) for frames in sent)
+    got = receive_in_pieces(wire, cuts, framing.LengthPrefixed(view_from=1000))
+    assert [[bytes(frame) for frame in frames] for frames in got] == sent
+    assert all((type(frame) is memoryview) == (len(frame) >= 1000)
+               for frames in got for frame in frames)
+
+
 def test_what_the_kernel_does_not_take_waits_in_order_until_flush(pair):
     writer, reader = pair
     big = b"x" * (4 * framing.SEND_BUFFER)  # more than the kernel buffers

@@ -246,3 +246,15 @@ def test_addressed_tells_connections_and_bytes_written():
     assert protocol.addressed(b"uuid x:1, body") == ([], -1)
     big = protocol.response(UUID, b"3", b"x" * (1 << 20))
     assert protocol.addressed(big) == ([b"3"], 1 << 20)
+
+
+@pytest.mark.parametrize("message", [
+    protocol.response(UUID, b"3", b"x" * (1 << 20)),
+    protocol.close(UUID, [b"%d" % n for n in range(1000, 1000 + protocol.MAX_TARGETS)]),
+    protocol.keep_alive(UUID, b"7"),
+])
+def test_a_message_read_as_a_view_is_addressed_and_sent_like_bytes(message):
+    """The dispatcher forwards workers' large frames as memoryviews."""
+    view = memoryview(bytearray(message))
+    assert protocol.addressed(view) == protocol.addressed(message)
+    assert protocol.sender_of(view) == protocol.sender_of(message) == UUID
