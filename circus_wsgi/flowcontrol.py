@@ -130,6 +130,8 @@ class Windows:
             self.forget(conn)
 
     def _hold(self, conn: bytes, message: Buffer, size: int) -> None:
+        if type(message) is memoryview:  # a view keeps all it was read with: copy it
+            message = bytes(message)
         if conn not in self.held:
             self.held[conn] = deque()
             self.quiet_since[conn] = time.monotonic()

@@ -35,6 +35,19 @@ def test_what_fits_the_window_goes_and_the_rest_waits_for_credits_in_order(windo
     assert b"1" not in windows.left and windows.held_total == 0, "closed: forgotten"
 
 
+def test_a_message_read_as_a_view_is_sent_as_is_but_held_as_its_own_bytes(windows):
+    """A view keeps alive everything read with it (other connections' responses too):
+    what waits for a slow client holds only its own bytes."""
+    windows, sent = windows
+    windows.opened(b"1", WINDOW)
+    read = bytearray(piece(b"1", 90000) + piece(b"1", 90000))  # one read, two messages
+    first, second = memoryview(read)[:len(read) // 2], memoryview(read)[len(read) // 2:]
+    windows.forward([first, second])
+    assert sent == [first] and sent[0] is first, "what goes at once is not copied"
+    windows.credited(b"1", 90000)
+    assert type(sent[1]) is bytes and sent[1] == second
+
+
 def test_other_connections_are_not_held_up(windows):
     windows, sent = windows
     windows.opened(b"1", WINDOW)
