@@ -401,7 +401,8 @@ def test_pacer_without_flow_control_coalesces_after_a_burst():
     pacer.add(b"b")
     assert pacer.take(now) == [] and pacer.held == 2
     assert pacer.wait_time(now) == pytest.approx(INTERVAL)
-    assert bodies(pacer.take(now + INTERVAL)) == [b"ab"], "then coalesced, one message per interval"
+    assert bodies(pacer.take(now + INTERVAL)) == [b"ab"], \
+        "then coalesced, one message per interval"
     pacer.add(b"y" * HOLD_MAX)
     assert pacer.blocked()
     assert pacer.settled() is False
