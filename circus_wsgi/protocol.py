@@ -262,8 +262,8 @@ def response(sender: bytes, conn_ids: Union[bytes, Iterable[bytes]], *body: Buff
     ids = conn_ids if isinstance(conn_ids, bytes) else b" ".join(conn_ids)
     if not ids or ids.count(b" ") >= MAX_TARGETS:
         raise ProtocolError(f"a response addresses 1 to {MAX_TARGETS} connections")
-    if len(body) == 1:
-        return b"%s %d:%s, %s" % (sender, len(ids), ids, body[0])
+    if len(body) == 2:  # a head and its body: every response that fits one message
+        return b"%s %d:%s, %s%s" % (sender, len(ids), ids, *body)
     return b"".join((b"%s %d:%s, " % (sender, len(ids), ids), *body))
 
 
