@@ -9,12 +9,19 @@ mongrel2 as they are. So each side parses only what it needs.
 
 Worker -> dispatcher:
 
-``READY pid free threads``
+``READY pid free threads received conn_id...``
     I am here, process ``pid``, running ``threads`` requests at once, with
     ``free`` of them idle (its threads minus the requests it holds). Sent first
     on every connection (a worker connects again when the dispatcher restarts),
     and again whenever the worker has heard nothing from the dispatcher for
     :data:`SILENCE_LIMIT` seconds. Always replaces what the dispatcher believed.
+    ``received`` is how many requests the worker has received before: it numbers
+    each request it receives, one more than the last, and so does the
+    dispatcher for those it hands out on this connection, starting from
+    ``received`` the first time. The worker records the number of each request
+    it begins (:mod:`circus_wsgi.board`), and begins them in that order. The
+    ``conn_id`` values are the connections of the requests it holds now (those of a
+    previous dispatcher, after a restart).
 ``OUTPUT done started m2msg...``
     Forward these mongrel2 response messages, in order (the close message
     included where a connection must close). ``done`` is the space-separated
@@ -58,6 +65,8 @@ if a child process it forked keeps the connection open.
 
 from __future__ import annotations
 
+from .protocol import WINDOW
+
 # worker -> dispatcher
 READY = b"R"
 OUTPUT = b"O"
@@ -76,3 +85,10 @@ HEARTBEAT_INTERVAL = 0.25
 GIVE_BACK_AFTER = 0.02
 #: Seconds of silence after which a worker announces itself again.
 SILENCE_LIMIT = 1.0
+
+#: With flow control, the bytes of a response a worker may send before it waits for
+#: credits, less what its connection still has unwritten (the REQUEST's budgets).
+BUDGET = 2 * 1024 * 1024
+#: The window assumed for a connection whose first request the dispatcher never saw
+#: (it was restarted since), or a request that came without a budget.
+UNKNOWN = WINDOW // 2

@@ -28,15 +28,11 @@ import time
 from collections import deque
 from typing import Callable
 
+from .dispatch_protocol import BUDGET, UNKNOWN
 from .protocol import WINDOW, Buffer, addressed, close, keep_alive, sender_of
 
-#: Bytes of a response a worker may send before it waits for credits.
-BUDGET = 2 * 1024 * 1024
 #: Bytes held back for all connections together before budgets shrink to the window.
 HELD_MAX = 64 * 1024 * 1024
-#: The window assumed for a connection whose first request this dispatcher never saw
-#: (it was restarted since).
-UNKNOWN = WINDOW // 2
 #: Seconds without credits after which a connection with bytes held back is probed.
 PROBE_AFTER = 1.0
 #: Connections tracked; past this, those tracked longest are forgotten (mongrel2 may

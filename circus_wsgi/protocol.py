@@ -149,6 +149,18 @@ def plain_request(data: bytes) -> tuple[bytes, bytes, int] | None:
     return parts[0], parts[1], int(window) if type(window) is bytes and window.isdigit() else 0
 
 
+#: Methods whose request may be run twice with the effect of once (RFC 9110, 9.2.2).
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+def is_idempotent(data: bytes) -> bool:
+    """Whether the request in ``data`` has an idempotent method (False if unreadable)."""
+    try:
+        return parse(data).headers.get(b"METHOD") in IDEMPOTENT
+    except ProtocolError:
+        return False
+
+
 def granted(data: bytes) -> int:
     """The bytes a credits notice grants (0 if it is not one)."""
     at = data.find(b"16:DOWNLOAD_CREDITS,")

@@ -320,6 +320,10 @@ SETTINGS: tuple[Setting, ...] = (
     _S("max_requests_jitter", "workers", 0, _integer(0),
        "A random 0..N added to max_requests per worker, so they do not all restart at once.",
        "N"),
+    _S("max_worker_memory", "workers", 0, _integer(0),
+       "A worker whose resident memory passes this many MiB finishes what it holds, exits "
+       "cleanly and circus starts a fresh one, as after max_requests; checked every second "
+       "(0: never).", "MIB"),
     # -- dispatcher
     _S("queue_timeout", "dispatcher", 5.0, _seconds(0.1),
        "A request that no worker takes within this time gets 503 with Retry-After.", "S"),

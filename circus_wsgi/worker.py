@@ -55,13 +55,15 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import psutil
 import zmq
+
 
 from . import dispatch_protocol as dp
 from . import exits, framing, httpmsg, protocol
 from .accesslog import AccessLog, Entry
 from .appload import AppLoadError, load_app, load_mounts, prepare_path
-from .flowcontrol import BUDGET, UNKNOWN
+from .board import Board, board_path
 from .lifeline import die_with_parent
 from .memory import tune_malloc
 from .protocol import Kind, Message, ProtocolError
@@ -89,6 +91,8 @@ RECONNECT_EVERY = 0.1
 FLUSH_AFTER = 0.001
 #: After a refusal for request smuggling, what follows on that connection is dropped this long.
 REFUSED_FOR = 2.0
+#: Seconds between two looks at the worker's resident memory (max_worker_memory).
+MEMORY_CHECK_EVERY = 1.0
 # Poll flags as plain ints (``|`` on pyzmq's enum flags runs Python code: 0.6 us per turn).
 _READ, _READ_WRITE = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
@@ -114,12 +118,13 @@ class Outbox:
     outbox by :meth:`notice`, in the loop thread.
     """
 
-    __slots__ = ("sender", "conn_id", "pacer", "gone", "started", "notices", "_deliver",
-                 "_wait", "_waiting", "_probe")
+    __slots__ = ("sender", "conn_id", "index", "pacer", "gone", "started", "notices",
+                 "_deliver", "_wait", "_waiting", "_probe")
 
-    def __init__(self, message: Message, pacer: Pacer, deliver: Callable, wait: Callable,
-                 threaded: bool) -> None:
+    def __init__(self, message: Message, index: int, pacer: Pacer, deliver: Callable,
+                 wait: Callable, threaded: bool) -> None:
         self.sender, self.conn_id, self.pacer = message.sender, message.conn_id, pacer
+        self.index = index  # its number among the requests received (circus_wsgi.board)
         self.gone = False  # the client left (or stalled): send nothing more
         self.started = False  # some of the response went out before finish()
         self.notices: Optional[queue.SimpleQueue] = queue.SimpleQueue() if threaded else None
@@ -239,13 +244,11 @@ class DispatcherLink:
 
     direct = False
 
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self.stream: Optional[framing.FramedStream] = None
         self.undelivered: list[bytes] = []  # encoded messages kept while disconnected
         self.retry_at = 0.0
-        self.pid = b"%d" % os.getpid()
-        self.threads = b"%d" % threads
         self.messages: list[bytes] = []
         self.done: list[bytes] = []
         self.started: list[bytes] = []
@@ -258,6 +261,12 @@ class DispatcherLink:
     def backlogged(self) -> bool:
         return self.stream is not None and self.stream.backlogged
 
+    @property
+    def connected(self) -> bool:
+        """False between a dispatcher's end and the connection to the next one: nothing
+        may be given back then (the next dispatcher does not know those requests)."""
+        return self.stream is not None
+
     def start(self, stopped: Callable[[], bool]) -> bool:
         """Connect, waiting for the dispatcher to listen; False if stopped before."""
         while self.stream is None:
@@ -268,10 +277,11 @@ class DispatcherLink:
                 time.sleep(RECONNECT_EVERY)
         return True
 
-    def reconnect(self, free: Optional[int]) -> None:
-        """If disconnected, connect again: announce this worker with ``free`` idle threads
-        (None: it is stopping, and the new dispatcher need not know it), then send what
-        the last dispatcher did not get (responses to requests held across its restart)."""
+    def reconnect(self, ready: Optional[tuple[bytes, ...]]) -> None:
+        """If disconnected, connect again: announce this worker with the READY frames
+        ``ready`` (None: it is stopping, and the new dispatcher need not know it), then
+        send what the last dispatcher did not get (responses to requests held across its
+        restart)."""
         if self.stream is not None:  # the usual case, on every turn of the loop
             return
         now = time.monotonic()
@@ -283,8 +293,8 @@ class DispatcherLink:
             return
         log.info("worker %d connected to the dispatcher again", os.getpid())
         messages, self.undelivered = self.undelivered, []
-        if free is not None:
-            messages.insert(0, framing.encode_message(self._ready_frames(free)))
+        if ready is not None:
+            messages.insert(0, framing.encode_message(ready))
         try:
             self.stream.resend(messages)
         except ConnectionError:
@@ -302,11 +312,8 @@ class DispatcherLink:
             self._lost()
         return messages
 
-    def ready(self, free: int) -> None:
-        self._send(self._ready_frames(free))
-
-    def _ready_frames(self, free: int) -> tuple[bytes, ...]:
-        return (dp.READY, self.pid, b"%d" % free, self.threads)
+    def ready(self, frames: tuple[bytes, ...]) -> None:
+        self._send(frames)
 
     def leave(self) -> list[list[bytes]]:
         self._send((dp.LEAVING,))
@@ -382,7 +389,7 @@ class DirectLink:
         self.socket.connect(self.send_spec)
         return True
 
-    def ready(self, free: int) -> None:
+    def ready(self, frames: tuple[bytes, ...]) -> None:
         pass
 
     def receive(self) -> list[list[bytes]]:
@@ -434,8 +441,17 @@ class Worker:
         self.uploads = str(run.uploads) if run else None
         self.limit = settings.max_requests and (
             settings.max_requests + random.randint(0, settings.max_requests_jitter))
+        self.memory_limit = settings.max_worker_memory * 1024 * 1024
+        self.memory_check_at = 0.0
         self.context = context or zmq.Context()
         self.link = self._link(settings, run)
+        # The board records the number of each request begun, per thread (dispatcher
+        # mode; in direct mode nobody reads it, and the cells are a plain array).
+        self.board = Board(board_path(run.path, os.getpid()), self.threads) \
+            if not self.link.direct else None
+        self.cells = self.board.cells if self.board is not None else \
+            memoryview(bytearray(8 * (1 + 2 * self.threads))).cast("d")
+        self.received = 0  # requests received from the dispatcher: the last one's number
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -451,6 +467,9 @@ class Worker:
         self.running: dict[Outbox, float] = {}  # threaded: when each started (under ``ready``)
         self.deferred: deque = deque()  # frames read while giving requests back
         self.give_back = settings.mode == "dispatcher" and settings.prefetch > 0
+        # Inline, in dispatcher mode, a timer ticks while the application runs: it sends
+        # the responses kept, connects again to a restarted dispatcher, and gives back.
+        self.ticking = self.inline and settings.mode == "dispatcher"
         self.refused: dict[bytes, float] = {}
         self.held = self.served = self.malformed = self.returned = 0
         self.busy = False  # inline: the application is running in this thread
@@ -475,7 +494,7 @@ class Worker:
             return DirectLink(self.context, send_spec, recv_spec)
         if run is None:
             raise ValueError("setting 'run_dir' is needed to find the dispatcher's socket")
-        return DispatcherLink(run.dispatcher, settings.threads)
+        return DispatcherLink(run.dispatcher)
 
     # -- the loop
 
@@ -486,12 +505,12 @@ class Worker:
             return exits.EXIT_OK
         log.info("worker %d serving (%s mode, %d thread%s)", os.getpid(), self.settings.mode,
                  self.threads, "" if self.inline else "s")
-        self.link.ready(self.threads)
-        if self.give_back and self.inline:
-            signal.signal(signal.SIGALRM, self._on_give_back_timer)
+        self.link.ready(self._announcement())
+        if self.ticking:
+            signal.signal(signal.SIGALRM, self._on_timer)
         if not self.inline:
             for number in range(self.threads):
-                threading.Thread(target=self._app_thread, name=f"app-{number}",
+                threading.Thread(target=self._app_thread, args=(number,), name=f"app-{number}",
                                  daemon=True).start()
         while not self._finished():
             self._poll(dp.GIVE_BACK_AFTER if self.give_back and self.pending else TICK)
@@ -564,15 +583,31 @@ class Worker:
         if self.signalled and not self.stopping:
             self._begin_stop(now)
         if not self.link.direct:
-            self.link.reconnect(None if self.stopping else max(0, self.threads - self.held))
+            self.link.reconnect(None if self.stopping else self._announcement())
         if not self.stopping and not self.link.direct and now - self.heard > dp.SILENCE_LIMIT:
-            self.link.ready(max(0, self.threads - self.held))  # the dispatcher may not know us
+            self.link.ready(self._announcement())  # the dispatcher may not know us
             self.heard = now
+        if self.memory_limit and now >= self.memory_check_at:
+            self.memory_check_at = now + MEMORY_CHECK_EVERY
+            self._check_memory()
         if self.give_back and not self.inline and self.pending:
             self._give_back_waiting(now)
         if self.refused:
             for conn_id in [c for c, until in self.refused.items() if until < now]:
                 del self.refused[conn_id]
+
+    def _announcement(self) -> tuple[bytes, ...]:
+        """The READY frames: pid, idle threads, threads, requests received, held conns."""
+        return (dp.READY, b"%d" % os.getpid(), b"%d" % max(0, self.threads - self.held),
+                b"%d" % self.threads, b"%d" % self.received, *self.active)
+
+    def _check_memory(self) -> None:
+        """Past max_worker_memory, leave as after max_requests: finish what is held."""
+        resident = psutil.Process().memory_info().rss
+        if resident > self.memory_limit and not self.signalled:
+            log.warning("worker %d resident memory %d MiB is over max_worker_memory %d MiB",
+                        os.getpid(), resident >> 20, self.memory_limit >> 20)
+            self._request_stop(f"max_worker_memory {self.memory_limit >> 20} MiB")
 
     # -- stopping
 
@@ -612,8 +647,10 @@ class Worker:
             self._return_pending()
 
     def close(self) -> None:
-        """Close the sockets (their linger lets the last responses out)."""
+        """Close the sockets (their linger lets the last responses out) and the board."""
         self.link.close()
+        if self.board is not None:
+            self.board.close()
         self.context.term()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -626,7 +663,9 @@ class Worker:
         if command == dp.REQUEST and len(frames) > 2:
             budgets = frames[1].split()  # with flow control, each response's budget
             for number, raw in enumerate(frames[2:]):
-                self._on_message(raw, int(budgets[number]) if number < len(budgets) else None)
+                self.received += 1
+                self._on_message(raw, int(budgets[number]) if number < len(budgets) else None,
+                                 self.received)
         elif command == dp.NOTICE and len(frames) > 1:
             for raw in frames[1:]:
                 self._on_message(raw)
@@ -639,7 +678,7 @@ class Worker:
     def _on_link_direct(self, frames: list[bytes]) -> None:
         self._on_message(frames[0])
 
-    def _on_message(self, raw: bytes, budget: Optional[int] = None) -> None:
+    def _on_message(self, raw: bytes, budget: Optional[int] = None, index: int = 0) -> None:
         try:
             message = protocol.parse(raw)
         except ProtocolError as error:
@@ -648,7 +687,7 @@ class Worker:
             return
         kind = message.kind
         if kind is Kind.REQUEST or kind is Kind.UPLOAD_DONE:
-            self._accept(message, budget)
+            self._accept(message, budget, index)
         elif kind is Kind.UPLOAD_START:
             self._upload_started(message)
         else:
@@ -670,12 +709,12 @@ class Worker:
 
     # -- requests
 
-    def _accept(self, message: Message, budget: Optional[int] = None) -> None:
+    def _accept(self, message: Message, budget: Optional[int], index: int) -> None:
         if message.conn_id in self.refused:  # after a smuggling attempt on that connection
             self._discard_upload(message)
             return
         self.held += 1
-        outbox = Outbox(message, self._pacer(message, budget), *self.outbox_io)
+        outbox = Outbox(message, index, self._pacer(message, budget), *self.outbox_io)
         self.active[message.conn_id] = outbox
         if protocol.is_smuggling_risk(message):
             self.refused[message.conn_id] = time.monotonic() + REFUSED_FOR
@@ -700,8 +739,8 @@ class Worker:
         if not self.flow:
             return Pacer(None)
         if budget is None:
-            budget = message.credits or UNKNOWN
-        return Pacer(BUDGET, budget)
+            budget = message.credits or dp.UNKNOWN
+        return Pacer(dp.BUDGET, budget)
 
     def _upload(self, message: Message) -> tuple[Any, int]:
         """An upload's body as a file for wsgi.input, and its length."""
@@ -738,29 +777,33 @@ class Worker:
     def _serve(self, message: Message, outbox: Outbox) -> None:
         """Run the application for one request (in the loop or an application thread).
         (The hot path of every request: the checks that rarely apply are inline.)"""
+        inline = self.inline
+        if inline:  # on the board before anything of the request is touched (its upload)
+            self.busy, self.started = True, time.monotonic()
+            cells = self.cells
+            cells[1], cells[2] = outbox.index, self.started
         logged = self.logging
         if logged:
             started, clock = time.time(), time.perf_counter()
-        body = length = None
-        if message.kind is Kind.UPLOAD_DONE:
-            try:
-                body, length = self._upload(message)
-            except Refused as refusal:
-                return self._refuse(message, outbox, refusal)
-        site = self.router.site(message)
-        environ = site.environ(message, body, length)
-        headers = message.headers
-        exchange = Exchange(outbox, headers[b"METHOD"], wants_keep_alive(message),
-                            headers.get(b"VERSION") == b"HTTP/1.0")
-        inline = self.inline
-        if inline:
-            self.busy, self.started = True, time.monotonic()
-            if self.give_back and not self.timer_on:
-                signal.setitimer(signal.ITIMER_REAL, FLUSH_AFTER, FLUSH_AFTER)
-                self.timer_on = True
-        else:
-            outbox.absorb()
+        body = None
         try:
+            length = None
+            if message.kind is Kind.UPLOAD_DONE:
+                try:
+                    body, length = self._upload(message)
+                except Refused as refusal:
+                    return self._refuse(message, outbox, refusal)
+            site = self.router.site(message)
+            environ = site.environ(message, body, length)
+            headers = message.headers
+            exchange = Exchange(outbox, headers[b"METHOD"], wants_keep_alive(message),
+                                headers.get(b"VERSION") == b"HTTP/1.0")
+            if inline:
+                if self.ticking and not self.timer_on:
+                    signal.setitimer(signal.ITIMER_REAL, FLUSH_AFTER, FLUSH_AFTER)
+                    self.timer_on = True
+            else:
+                outbox.absorb()
             if outbox.gone:
                 outbox.finish(b"", False)
             else:
@@ -768,6 +811,7 @@ class Worker:
         finally:
             if inline:
                 self.busy = False
+                cells[2] = 0.0
                 if time.monotonic() - self.started >= FLUSH_AFTER:
                     self.link.flush()
             if body is not None:
@@ -778,32 +822,38 @@ class Worker:
     def _log(self, environ: dict, status: int, sent: int, started: float, clock: float) -> None:
         self.access.log(Entry(environ, status, sent, started, time.perf_counter() - clock))
 
-    def _app_thread(self) -> None:
+    def _app_thread(self, number: int) -> None:
+        """Application thread ``number``: take the oldest request waiting, run it."""
+        cells, index_cell, since_cell = self.cells, 1 + 2 * number, 2 + 2 * number
         while True:
             with self.ready:
                 while not self.pending:
                     self.ready.wait()
                 message, outbox = self.pending.popleft()
-                self.running[outbox] = time.monotonic()
+                now = self.running[outbox] = time.monotonic()
+                cells[index_cell], cells[since_cell] = outbox.index, now  # in taking order
             try:
                 self._serve(message, outbox)
             finally:
+                cells[since_cell] = 0.0
                 with self.ready:
                     del self.running[outbox]
 
-    # -- giving back requests not started (dispatcher's prefetch)
+    # -- the inline timer; giving back requests not started (dispatcher's prefetch)
 
-    def _on_give_back_timer(self, signum: int, frame: Any) -> None:
-        """SIGALRM every FLUSH_AFTER while the worker has work: while the application
-        runs inline, send the responses kept, and once the request has run for
-        GIVE_BACK_AFTER, return the requests not started. (Python runs a handler again
-        if its signal comes back before it is done: ``in_io`` keeps a second one out of
-        the socket calls of the first.)"""
+    def _on_timer(self, signum: int, frame: Any) -> None:
+        """SIGALRM every FLUSH_AFTER while the application runs inline: send the
+        responses kept, connect again if the dispatcher restarted (the next one waits to
+        hear which requests are held), and once the request has run for GIVE_BACK_AFTER,
+        return the requests not started. (Python runs a handler again if its signal
+        comes back before it is done: ``in_io`` keeps a second one out of the socket
+        calls of the first.)"""
         if self.busy and not self.in_io:
             self.in_io = True
             try:
                 self.link.flush()
-                if time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
+                self.link.reconnect(None if self.stopping else self._announcement())
+                if self.give_back and time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
                     self._take_back_frames()
                     self._return_pending()
             finally:
@@ -811,6 +861,8 @@ class Worker:
 
     def _take_back_frames(self) -> None:
         """Return the requests waiting in the socket; keep its other frames for the loop."""
+        if not self.link.connected:
+            return
         conn_ids = []
         while messages := self.link.receive():
             for frames in messages:
@@ -818,6 +870,7 @@ class Worker:
                     self.deferred.append(frames)
                     continue
                 for raw in frames[2:]:
+                    self.received += 1  # numbered as if taken, so both sides count alike
                     fields = raw.split(b" ", 2)
                     if len(fields) == 3 and fields[1].isdigit():
                         conn_ids.append(fields[1])
@@ -825,7 +878,9 @@ class Worker:
         self.returned += len(conn_ids)
 
     def _return_pending(self) -> None:
-        """Return the requests held and not started."""
+        """Return the requests held and not started (none while disconnected)."""
+        if not self.link.connected:
+            return
         if self.inline:
             waiting = list(self.pending)
             self.pending.clear()

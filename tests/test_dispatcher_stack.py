@@ -7,6 +7,7 @@ kill -9), then checks that nothing was lost and no client hung.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -177,6 +178,39 @@ def test_after_a_kill_9_of_the_dispatcher_workers_responses_still_reach_their_cl
     assert [reply[0][0] for reply in replies] == [200, 200]  # held by workers: not lost
     wait_for(lambda: stack.pids("dispatcher") not in ([], [dispatcher]), 10)
     wait_for(lambda: get(stack.port, "/hello")[0] == 200, 10)
+
+
+def test_after_a_kill_9_of_the_dispatcher_the_clients_of_what_it_queued_do_not_hang(stack):
+    """What only the killed dispatcher held is lost, but its clients' connections are
+    closed within seconds (recovery.py), not left to mongrel2's 120 s reaper; what the
+    workers held still gets its response."""
+    wait_for(lambda: stack_status(stack)["idle_workers"] == 2, 10)
+    held = [in_background(get, stack.port, "/slow?s=2") for _ in range(2)]
+    wait_for(lambda: stack_status(stack)["busy_workers"] == 2, 5)
+    time.sleep(0.1)  # the workers have finished nothing for 5 ms: no prefetch to them
+    queued = [in_background(outcome_of, stack.port, "/hello") for _ in range(3)]
+    wait_for(lambda: stack_status(stack)["queue"] == 3, 5)
+    [dispatcher] = stack.pids("dispatcher")
+    killed_at = time.monotonic()
+    os.kill(dispatcher, signal.SIGKILL)
+    wait_for(lambda: all(held) and len(queued_outcomes(queued)) == 3, 10)
+    assert [reply[0][0] for reply in held] == [200, 200]
+    for outcome, seconds in queued_outcomes(queued):
+        assert outcome == "closed" and seconds - killed_at < 5, (outcome, seconds - killed_at)
+    wait_for(lambda: get(stack.port, "/hello")[0] == 200, 10)
+
+
+def outcome_of(port: int, path: str) -> tuple[int | str, float]:
+    """(status or "closed", when it came) of one request."""
+    try:
+        status = get(port, path)[0]
+    except (OSError, http.client.HTTPException):
+        status = "closed"
+    return status, time.monotonic()
+
+
+def queued_outcomes(replies: list) -> list[tuple[int | str, float]]:
+    return [reply[0] for reply in replies if reply]
 
 
 def test_the_dispatcher_connects_again_to_a_restarted_mongrel2(stack):

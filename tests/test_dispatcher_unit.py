@@ -105,7 +105,7 @@ class WorkerPeer:
         self.windows: dict[bytes, int] = {}  # conn_id -> window left, as last handed over
         self.sock = FramedPeer.connect(run.dispatcher)
         self.sock.send_multipart([dp.READY, str(pid).encode(), str(free).encode(),
-                                  str(free).encode()])
+                                  str(free).encode(), b"0"])
 
     def next(self, timeout_ms: int = WAIT_MS) -> list[bytes]:
         """The next message that is not a heartbeat; a REQUEST or NOTICE carrying several

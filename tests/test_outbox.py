@@ -40,7 +40,7 @@ class Client:
 
     def outbox(self, budget: int) -> worker.Outbox:
         request = Message(SENDER, CONN, b"/", {b"METHOD": b"GET"}, b"", Kind.REQUEST)
-        return worker.Outbox(request, Pacer(1 << 20, budget), self.deliver, self.wait, False)
+        return worker.Outbox(request, 1, Pacer(1 << 20, budget), self.deliver, self.wait, False)
 
 
 @pytest.fixture(autouse=True)

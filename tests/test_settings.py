@@ -200,6 +200,7 @@ EVERY_SETTING = {
     "endpoint": "tcp://127.0.0.1:6555", "workers": 5, "threads": 4, "mode": "direct",
     "send_spec": "tcp://10.0.0.1:9997", "recv_spec": "ipc:///tmp/r.sock",
     "graceful_timeout": 1.5, "timeout": 7, "max_requests": 100, "max_requests_jitter": 10,
+    "max_worker_memory": 512,
     "prefetch": 3,
     "queue_timeout": 0.5, "max_queue": 7, "max_body_size": 0, "content_length": 4096,
     "buffer_size": 8192, "min_ping": 0, "flow_control": False, "access_log": "-x.log",

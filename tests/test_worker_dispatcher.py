@@ -180,7 +180,8 @@ def start_worker(run_dir, fake):
         started.append(worker)
         ready = fake.expect(dp.READY, skip=())
         threads = b"%d" % settings.threads
-        assert ready[1:] == [b"%d" % worker.pid, threads, threads]  # pid, idle, threads
+        # pid, idle threads, threads, requests received before
+        assert ready[1:] == [b"%d" % worker.pid, threads, threads, b"0"]
         return worker
 
     yield start
@@ -276,7 +277,7 @@ def test_disconnect_stops_the_response_and_closes_the_iterable(fake, start_worke
 def test_silence_makes_the_worker_announce_itself_again(fake, start_worker):
     worker = start_worker(threads=2)
     frames = fake.expect(dp.READY, timeout=dp.SILENCE_LIMIT + 2, skip=())
-    assert frames[1:] == [b"%d" % worker.pid, b"2", b"2"]
+    assert frames[1:] == [b"%d" % worker.pid, b"2", b"2", b"0"]
     deadline = time.monotonic() + dp.SILENCE_LIMIT + 0.5
     while time.monotonic() < deadline:
         fake.send(dp.HEARTBEAT)
@@ -289,7 +290,8 @@ def test_a_restarted_dispatcher_gets_the_worker_and_the_responses_it_held(fake, 
     time.sleep(0.1)
     fake.restart()  # while the worker runs the request
     frames = fake.expect(dp.READY, timeout=2, skip=())  # at once, not after SILENCE_LIMIT
-    assert frames[1] == b"%d" % worker.pid
+    # pid, one thread idle, two threads, one request received, the one it holds
+    assert frames[1:] == [b"%d" % worker.pid, b"1", b"2", b"1", b"13"]
     assert fake.expect(DONE, timeout=2)[1] == b"13"
     fake.request(b"14", b"/hello")  # and it serves the new dispatcher
     assert fake.expect(DONE)[1] == b"14"
