@@ -265,10 +265,11 @@ class Broker:
         request = self.in_flight.get(conn)
         return None if request is None else request.worker
 
-    def mongrel2_restarted(self) -> None:
+    def mongrel2_restarted(self) -> list[Request]:
         """mongrel2 went away and came back: every client it had is gone. What waits is
         dropped; what workers hold is orphaned (their responses must be discarded:
-        the new mongrel2 gives its connections ids the old one used)."""
+        the new mongrel2 gives its connections ids the old one used). Returns the
+        orphans: their workers are to be told that the clients left."""
         for request in self.queue:
             if request.state == QUEUED:
                 self._drop(request)
@@ -278,6 +279,7 @@ class Broker:
         for request in self.in_flight.values():
             request.state = ORPHANED
         self.fronts = dict(self.in_flight)
+        return list(self.in_flight.values())
 
     # ----------------------------------------------------------- workers
 

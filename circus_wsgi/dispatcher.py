@@ -40,14 +40,15 @@ from . import dispatch_protocol as dp
 from . import framing, recovery, zmtp
 from .admission import Gate, Refusal
 from .board import BoardReader, board_path, live_workers, remove_stale
-from .broker import Broker, Close, Discard, Fail, Kill
+from .broker import Broker, Close, Discard, Fail, Kill, Request
 from .exits import EXIT_OK, STUCK_SIGNAL
 from .flowcontrol import Windows
 from .httpmsg import error_response
 from .lifeline import die_with_parent
 from .memory import tune_malloc
-from .protocol import (Buffer, Kind, Message, ProtocolError, addressed, close, granted,
-                       is_idempotent, parse, plain_request, response)
+from .protocol import (Buffer, Kind, Message, ProtocolError, addressed, close,
+                       disconnect_notice, granted, is_idempotent, parse, plain_request,
+                       response)
 from .rundir import RunDir
 from .settings import Settings
 
@@ -266,7 +267,8 @@ class Dispatcher:
                 self.retired.append(stream.close)
         self.requests = self.responses = None
         self.requests_fd = self.responses_fd = -1
-        self.broker.mongrel2_restarted()
+        for orphan in self.broker.mongrel2_restarted():  # stop what runs for nobody
+            self._notify(orphan.worker, disconnect_notice(orphan.sender, orphan.conn))
         for path in self.gate.reset():
             _remove_file(path)
         if self.windows is not None:  # what it held back and counted was for those clients
@@ -619,8 +621,25 @@ class Dispatcher:
     def _answer_status(self) -> None:
         while _readable(self.status_socket):  # one may have come in while answering
             self.status_socket.recv()
-            self.status_socket.send_json({**self.broker.snapshot(),
-                                          "malformed": self.malformed})
+            self.status_socket.send_json(self.snapshot())
+
+    def snapshot(self) -> dict:
+        """The broker's counters and state, and what each worker runs now (its board)."""
+        snapshot = self.broker.snapshot()
+        snapshot["malformed"] = self.malformed
+        now = time.monotonic()
+        for identity, worker in self.broker.workers.items():
+            board = self.boards.get(identity)
+            if board is None:
+                continue
+            by_index = {request.index: request for request in worker.held.values()}
+            running = []
+            for index, since in sorted(board.running().items()):
+                method, path = _request_line(by_index.get(index))
+                running.append({"method": method, "path": path,
+                                "seconds": round(max(0.0, now - since), 3)})
+            snapshot["workers"][str(worker.pid)]["running"] = running
+        return snapshot
 
     # ------------------------------------------------------------- stopping
 
@@ -681,6 +700,20 @@ def _connect(endpoint: str, socket_type: str) -> framing.FramedStream | None:
     except (OSError, ValueError) as error:
         log.warning("cannot connect to mongrel2's %s: %s", endpoint, error)
         return None
+
+
+def _request_line(request: Request | None) -> tuple[str, str]:
+    """The method and path of a request, for people ("" for one this dispatcher never
+    handed out: it was held across a restart)."""
+    if request is None:
+        return "", ""
+    try:
+        message = parse(request.raw)
+    except ProtocolError:
+        return "", ""
+    method = message.headers.get(b"METHOD", b"")
+    return (method.decode("latin-1") if isinstance(method, bytes) else "",
+            message.path.decode("latin-1"))
 
 
 def _readable(sock: zmq.Socket) -> bool:

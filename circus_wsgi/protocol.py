@@ -297,6 +297,16 @@ def keep_alive(sender: bytes, conn_id: bytes) -> bytes:
     return b"%s %d:%s, %s" % (sender, len(ids), ids, KEEP_ALIVE)
 
 
+#: The headers and body of mongrel2's disconnect notice.
+_DISCONNECT = b'16:6:METHOD,4:JSON,}21:{"type":"disconnect"},'
+
+
+def disconnect_notice(sender: bytes, conn_id: bytes) -> bytes:
+    """A disconnect notice for ``conn_id`` as mongrel2 sends one: how the dispatcher tells
+    a worker that a client went with a mongrel2 that restarted."""
+    return b"%s %s @* %s" % (sender, conn_id, _DISCONNECT)
+
+
 def is_smuggling_risk(message: Message) -> bool:
     """True for a request whose body mongrel2 may frame differently from the client.
 

@@ -281,7 +281,8 @@ def test_after_a_mongrel2_restart_held_responses_are_discarded_and_nothing_answe
     broker = make(prefetch=4)
     held_by_a(broker, 2)
     arrive(broker, b"3")
-    broker.mongrel2_restarted()
+    orphans = broker.mongrel2_restarted()
+    assert sorted(r.conn for r in orphans) == [b"1", b"2"]  # their worker is told
     assert broker.waiting() == 0
     arrive(broker, b"1")  # the new mongrel2 reuses connection ids: this waits behind
     assert broker.output(b"A", [b"1"], [b"2"], 1.0) == {b"1", b"2"}

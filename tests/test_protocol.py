@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import tnetstring
 from hypothesis import given, settings, strategies as st
 
 from circus_wsgi import protocol
@@ -258,3 +259,17 @@ def test_a_message_read_as_a_view_is_addressed_and_sent_like_bytes(message):
     view = memoryview(bytearray(message))
     assert protocol.addressed(view) == protocol.addressed(message)
     assert protocol.sender_of(view) == protocol.sender_of(message) == UUID
+
+
+def test_a_disconnect_notice_of_our_own_reads_as_mongrel2_s():
+    message = protocol.parse(protocol.disconnect_notice(b"f400bf85", b"42"))
+    assert (message.kind, message.conn_id, message.sender) == (Kind.DISCONNECT, b"42",
+                                                                b"f400bf85")
+
+
+@pytest.mark.parametrize("method, idempotent", [(b"GET", True), (b"PUT", True),
+                                                (b"POST", False), (b"PATCH", False)])
+def test_idempotent_methods_are_those_of_rfc_9110(method, idempotent):
+    raw = b"s 1 / %s0:," % tnetstring.dumps({b"METHOD": method, b"PATH": b"/"})
+    assert protocol.is_idempotent(raw) is idempotent
+    assert protocol.is_idempotent(b"not a request") is False
