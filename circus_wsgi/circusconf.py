@@ -257,7 +257,7 @@ def circus_ini(settings: Settings, mongrel2_db: Path) -> str:
     that starts mongrel2 on ``mongrel2_db``."""
     lines = [
         "# circus.ini written by circus-wsgi from its Settings. Regenerate it (circus-wsgi",
-        "# config ... --out DIR, or Settings(...).write(DIR)) rather than edit it.",
+        "# config ... --out DIR, or write_configs(settings, DIR)) rather than edit it.",
         "# Run the stack: circusd circus.ini",
     ]
     for name, comment, options in _sections(settings, mongrel2_db):

@@ -24,7 +24,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _config(settings: Settings, args: argparse.Namespace) -> int:
-    paths = settings.write(args.out)
+    from .deploy import write_configs
+
+    paths = write_configs(settings, args.out)
     for name, path in paths.items():
         print(f"wrote {path}")
     return 0

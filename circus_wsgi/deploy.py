@@ -1,7 +1,7 @@
 """Writing a deployment: Settings -> a directory holding every configuration file.
 
-This module owns :func:`write_configs`, behind ``Settings(...).write(directory)``
-and ``circus-wsgi config --out DIR``: it fills the defaults that depend on the
+This module owns :func:`write_configs` (``circus_wsgi.write_configs(settings,
+directory)``, and ``circus-wsgi config --out DIR``): it fills the defaults that depend on the
 directory, creates the private run directory, and writes ``config.sqlite`` and
 ``mongrel2.conf`` (:mod:`.mongrel2`) and ``circus.ini`` (:mod:`.circusconf`).
 Then ``circusd DIR/circus.ini`` runs the stack.
@@ -30,9 +30,10 @@ def resolve_for(settings: Settings, directory: Path) -> Settings:
     return resolved.replace(chdir=os.path.abspath(settings.chdir))
 
 
-def write_configs(settings: Settings, directory: Path) -> dict[str, Path]:
+def write_configs(settings: Settings, directory: str | os.PathLike[str]) -> dict[str, Path]:
     """Write config.sqlite, mongrel2.conf and circus.ini into ``directory`` (created if
-    missing) and create the run directory (mode 0700); return the files' paths by name.
+    missing) and create the run directory (mode 0700); return the files' paths by name:
+    ``{"config.sqlite": ..., "mongrel2.conf": ..., "circus.ini": ...}``.
 
     circus.ini is made first, so a setting it cannot hold stops before any file is written.
     """

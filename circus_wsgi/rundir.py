@@ -11,6 +11,14 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Longest path a Unix socket address may have (sun_path is 108 bytes with its NUL).
+IPC_PATH_MAX = 107
+#: The file names of the sockets in a run directory (the properties below use them).
+SOCKETS = ("m2-requests.sock", "m2-responses.sock", "m2-control.sock", "dispatcher.sock",
+           "dispatcher-status.sock", "circus.sock", "circus-pubsub.sock", "circus-stats.sock")
+#: Longest run directory path (in bytes) whose every socket path fits IPC_PATH_MAX.
+RUN_DIR_MAX = IPC_PATH_MAX - 1 - max(len(name) for name in SOCKETS)
+
 
 @dataclass(frozen=True)
 class RunDir:

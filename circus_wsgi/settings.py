@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from .rundir import IPC_PATH_MAX, RUN_DIR_MAX
+
 __all__ = ["Setting", "Settings", "SettingsError", "SETTINGS"]
 
-#: Longest path a Unix socket address may have (sun_path is 108 bytes with its NUL).
-IPC_PATH_MAX = 107
 
 
 class SettingsError(ValueError):
@@ -286,7 +286,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("run_dir", "server", "", _directory_path,
        "Private directory (mode 0700) for sockets, pid files, logs and uploads. Default: "
        "a fresh directory under /tmp for serve, OUT/run for config. Keep it short: "
-       f"socket paths are limited to {IPC_PATH_MAX} bytes.", "DIR"),
+       f"socket paths are limited: at most {RUN_DIR_MAX} bytes.", "DIR"),
     _S("endpoint", "server", "", _endpoint,
        "circusd's control endpoint (what circusctl talks to). Default: an ipc socket in "
        "run_dir. A tcp:// endpoint lets anyone on the host control the stack.", "ENDPOINT"),
@@ -404,12 +404,9 @@ class Settings:
                 if route in routes:
                     raise SettingsError(name, prefix, "another route has this URL prefix")
                 routes.add(route)
-        if self.run_dir:
-            longest = os.path.join(self.run_dir, "dispatcher.sock")
-            if len(longest.encode()) > IPC_PATH_MAX - 8:
-                raise SettingsError(
-                    "run_dir", self.run_dir,
-                    f"too long for ipc sockets (keep it under {IPC_PATH_MAX - 30} bytes)")
+        if self.run_dir and len(self.run_dir.encode()) > RUN_DIR_MAX:
+            raise SettingsError("run_dir", self.run_dir,
+                                f"too long for ipc sockets: at most {RUN_DIR_MAX} bytes")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -484,16 +481,6 @@ class Settings:
             raise SettingsError("settings", str(path),
                                 "the file must assign settings = Settings(...)")
         return settings
-
-    def write(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write config.sqlite, mongrel2.conf and circus.ini into ``directory``.
-
-        Returns their paths by name: ``{"config.sqlite": ..., "mongrel2.conf": ...,
-        "circus.ini": ...}``. run_dir defaults to ``directory/run``.
-        """
-        from .deploy import write_configs  # the generators import Settings
-
-        return write_configs(self, Path(directory))
 
 
 def _render(value: Any) -> str:

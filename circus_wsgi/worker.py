@@ -14,7 +14,7 @@ Requests come one of two ways (setting ``mode``):
   (an XPUB sees the subscription), so no early reply is lost. mongrel2 deals
   requests and notices round-robin, so there is no flow control, a slow
   request delays those dealt behind it, and requests queued in a stopping
-  worker are lost (see DESIGN.md).
+  worker are lost (docs/direct-mode.rst).
 
 With ``threads == 1`` the application runs in the loop's own thread: a request
 costs no hand-off. With more, a pool of threads runs the application; every

@@ -64,8 +64,9 @@ class Outbox(Protocol):
     def write(self, data: bytes) -> None:
         """Send ``data`` (may wait for the client); raise :class:`ClientGone` if it left."""
 
-    def finish(self, data: bytes, close: bool) -> None:
-        """Send the last ``data``; then close the connection if ``close``."""
+    def finish(self, data: bytes, close: bool, body: bytes = b"") -> None:
+        """Send the last ``data``, then ``body`` (a head and a body need not be joined);
+        then close the connection if ``close``."""
 
 
 # --------------------------------------------------------------------------

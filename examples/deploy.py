@@ -9,7 +9,7 @@ Copy it and change the Settings; every option is listed by ``circus-wsgi config 
 import sys
 from pathlib import Path
 
-from circus_wsgi import Settings, SettingsError
+from circus_wsgi import Settings, SettingsError, write_configs
 
 EXAMPLES = Path(__file__).resolve().parent
 
@@ -23,7 +23,7 @@ def main(out: str) -> int:
             workers=2,
             static={"/static": str(EXAMPLES / "static")},
         )
-        paths = settings.write(out)
+        paths = write_configs(settings, out)
     except SettingsError as error:
         print(f"deploy: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ so a response that reaches the wrong client is seen.
 ``/fast?t=T``: T. ``/slow?t=T&s=S``: T after S seconds (default 0.5). ``/big?t=T``:
 100 KiB made of T. ``/upload?t=T`` (POST): T and the SHA-256 of the body. ``/die``:
 the worker kills itself with SIGKILL, as a segfault or the OOM killer would.
+``/hog?mb=N``: the worker keeps N MiB more, for good (a leak).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from urllib.parse import parse_qs
 
 BIG = 100 * 1024
+leaked: list[bytes] = []
 
 
 def big_body(tag: str) -> bytes:
@@ -33,6 +35,9 @@ def app(environ, start_response):
     elif path == "/upload":
         data = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         body = f"{tag} {hashlib.sha256(data).hexdigest()}".encode()
+    elif path == "/hog":
+        leaked.append(b"x" * (int(query.get("mb", 1)) << 20))
+        body = b"%d" % os.getpid()
     elif path == "/die":
         os.kill(os.getpid(), signal.SIGKILL)
         body = b""

@@ -1,6 +1,6 @@
 """The whole stack under the real circusd, and a load that records every request.
 
-- :class:`CircusStack`: ``Settings(...).write(dir)`` then ``circusd dir/circus.ini``
+- :class:`CircusStack`: ``write_configs(Settings(...), dir)`` then ``circusd dir/circus.ini``
   on a free port; :meth:`CircusStack.call` sends circusctl commands through
   circus's own client. Stopped with a deadline and SIGKILL fallback; no process
   or file is left.
@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 from circus.client import CircusClient
 
+from circus_wsgi import write_configs
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
 from harness import TESTS_DIR, free_port, port_open, python_env, stop_circusd, wait_for
@@ -41,7 +42,7 @@ class CircusStack:
     def start(self) -> "CircusStack":
         for _ in range(5):
             self.settings = Settings(bind=f"127.0.0.1:{free_port()}", **self.options)
-            files = self.settings.write(self.path)
+            files = write_configs(self.settings, self.path)
             self.settings = self.settings.with_defaults_resolved(str(self.path / "run"))
             log = open(self.path / "circusd.log", "wb")
             self.circusd = subprocess.Popen(

@@ -16,6 +16,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -269,7 +270,9 @@ def judge(seed: int, log: list[Sent], events: list[Event],
     lines.append("events (seconds from the start; whole: circus has the processes back; "
                  "serving: a fresh connection got its 200):")
     for event in events:
-        outcomes = ", ".join(f"{s.kind} {s.outcome}" for s in event.failures) or "nothing lost"
+        counts = Counter(f"{s.kind} {s.outcome}" for s in event.failures)
+        outcomes = ", ".join(f"{what} x{n}" for what, n in sorted(counts.items())) or \
+            "nothing lost"
         lines.append(f"  {event.at - start:6.2f} {event.kind:18} {event.detail:14} whole "
                      f"+{event.restarted - event.at:.2f} s, serving +"
                      f"{event.serving - event.at:.2f} s: {outcomes}")

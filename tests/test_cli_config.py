@@ -1,4 +1,4 @@
-"""``circus-wsgi config``, ``Settings.write`` and examples/deploy.py write three files that
+"""``circus-wsgi config``, ``write_configs`` and examples/deploy.py write three files that
 m2sh and circus read back as the Settings said."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 from circus.config import get_config
 
-from circus_wsgi import Settings
+from circus_wsgi import Settings, write_configs
 from circus_wsgi.deploy import resolve_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,21 +90,21 @@ def test_circus_ini_runs_what_the_settings_said(written: tuple[Path, str, Settin
     assert workers["numprocesses"] == 3 and workers["working_dir"] == str(ROOT)
 
 
-def test_settings_write_resolves_run_dir_and_chdir(run_dir: Path,
+def test_write_configs_resolves_run_dir_and_chdir(run_dir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(run_dir)
-    paths = Settings(app="examples.hello:app").write("deploy")
+    paths = write_configs(Settings(app="examples.hello:app"), "deploy")
     assert paths == {name: run_dir / "deploy" / name for name in FILES}
     assert all(path.is_file() for path in paths.values())
     assert get_config(str(paths["circus.ini"]))["endpoint"] == (
         f"ipc://{run_dir}/deploy/run/circus.sock")
     assert workers_watcher(paths["circus.ini"])["working_dir"] == str(run_dir)
-    assert Settings(app="examples.hello:app").write(run_dir / "deploy") == paths
+    assert write_configs(Settings(app="examples.hello:app"), run_dir / "deploy") == paths
 
 
 def test_an_explicit_run_dir_is_kept(run_dir: Path) -> None:
     run_dir = run_dir / "elsewhere"
-    Settings(app="examples.hello:app", run_dir=str(run_dir)).write(run_dir / "out")
+    write_configs(Settings(app="examples.hello:app", run_dir=str(run_dir)), run_dir / "out")
     assert run_dir.is_dir() and not (run_dir / "out" / "run").exists()
     assert f"ipc://{run_dir}/circus.sock" in (run_dir / "out" / "circus.ini").read_text()
 

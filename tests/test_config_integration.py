@@ -27,7 +27,7 @@ import psutil
 import pytest
 import zmq
 
-from circus_wsgi import Settings
+from circus_wsgi import Settings, write_configs
 from circus_wsgi.deploy import resolve_for
 from circus_wsgi.mongrel2 import MONGREL2_WORKING_DIR
 from circus_wsgi.rundir import RunDir
@@ -114,7 +114,7 @@ def start_stack(command: Callable[[Settings, dict[str, Path]], list[str]], cwd: 
             settings = Settings(app="examples.hello:app", chdir=str(ROOT), workers=1,
                                 graceful_timeout=1, bind=f"127.0.0.1:{free_port()}",
                                 static={"/static": str(STATIC)})
-            paths = settings.write(directory)
+            paths = write_configs(settings, directory)
             settings = resolve_for(settings, directory)
             log = directory / "output.log"
             with log.open("wb") as output:

@@ -14,7 +14,8 @@ from typing import Iterator
 import pytest
 
 from circus_wsgi import cli
-from circus_wsgi.settings import IPC_PATH_MAX, SETTINGS, Setting, Settings, SettingsError
+from circus_wsgi.rundir import IPC_PATH_MAX, RUN_DIR_MAX, SOCKETS, RunDir
+from circus_wsgi.settings import SETTINGS, Setting, Settings, SettingsError
 
 HERE = Path(__file__).resolve().parent
 STATIC = str(HERE.parent / "examples" / "static")
@@ -150,9 +151,23 @@ def test_each_url_prefix_has_one_route(values: dict, name: str) -> None:
 
 
 def test_run_dir_too_long_for_ipc_sockets() -> None:
-    error = error_of(run_dir="/tmp/" + "r" * 90)
+    """The limit the message gives is the one enforced: every socket path fits."""
+    longest = "/tmp/" + "r" * (RUN_DIR_MAX - 5)
+    error = error_of(run_dir=longest + "r")
     assert error.name == "run_dir" and "too long for ipc sockets" in error.allowed
-    assert Settings(run_dir="/tmp/" + "r" * 60).run_dir
+    assert f"at most {RUN_DIR_MAX} bytes" in error.allowed
+    run = RunDir(Path(Settings(run_dir=longest).run_dir))
+    for name in SOCKETS:
+        assert len(str(run.path / name).encode()) <= IPC_PATH_MAX
+    assert len(run.dispatcher_status[len("ipc://"):].encode()) == IPC_PATH_MAX
+
+
+def test_every_socket_of_the_run_dir_is_counted_in_its_length_limit() -> None:
+    run = RunDir(Path("/r"))
+    paths = [getattr(run, name) for name in dir(RunDir) if not name.startswith("_")
+             and isinstance(getattr(RunDir, name), property)]
+    sockets = {str(p).rpartition("/")[2] for p in paths if str(p).endswith(".sock")}
+    assert sockets == set(SOCKETS)
 
 
 # -- the object
