@@ -91,7 +91,8 @@ def work(path: str) -> None:
                 done.append(conn)
                 messages += answers(sender, conn, raw)
             if done:
-                link.send((dp.OUTPUT, b" ".join(done), b"", *messages))
+                link.send((dp.OUTPUT, b" ".join(done), b"", b" ".join([b"200"] * len(done)),
+                           *messages))
         link.drain(timeout=5.0)
 
 

@@ -79,7 +79,9 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterable, Union
+from typing import Any, Callable, Collection, Iterable, Sequence, Union
+
+from .tallies import Histogram, method_label
 
 # A request's states.
 QUEUED, BEHIND, HELD, RESPONDING, ORPHANED, DONE, FAILED, DROPPED = range(8)
@@ -113,18 +115,19 @@ KILL_GRACE = 5.0
 class Request:
     """One request from mongrel2, from arrival to its end."""
 
-    __slots__ = ("conn", "sender", "raw", "arrived", "queued_at", "upload", "state", "worker",
-                 "index", "handed_at")
+    __slots__ = ("conn", "sender", "raw", "method", "arrived", "queued_at", "upload", "state",
+                 "worker", "index", "handed_at")
 
     def __init__(self, conn: bytes, sender: bytes, raw: bytes, arrived: float,
-                 upload: bytes | None = None) -> None:
+                 upload: bytes | None = None, method: str = "_OTHER") -> None:
         self.conn, self.sender, self.raw, self.arrived = conn, sender, raw, arrived
+        self.method = method  # its method as a label (tallies.method_label)
         self.queued_at = arrived  # queue_timeout counts from here (pipelined: from release)
         self.upload = upload  # its body's temp file, for an upload
         self.state = QUEUED
         self.worker: bytes = b""  # who holds it, while held
         self.index = 0  # its number among the requests handed to that worker
-        self.handed_at = 0.0
+        self.handed_at = -1.0  # when it was last handed out (never: negative)
 
     def __repr__(self) -> str:
         return f"<Request {self.conn!r} {STATE_NAMES[self.state]}>"
@@ -224,14 +227,18 @@ class Broker:
         self.arrived = self.handed_out = self.completed = self.given_back = 0
         self.requeued = self.failed_held = self.dropped = self.replayed = 0
         self.failures: Counter[str] = Counter()  # "503 queue full" -> count
+        # Every answered request by (method, status), and each wait from arrival to the
+        # first hand-out: seconds.
+        self.durations = Histogram()
+        self.waits = Histogram()
 
     # ------------------------------------------------------------ arrivals
 
     def arrive(self, conn: bytes, sender: bytes, raw: bytes, now: float,
-               upload: bytes | None = None) -> None:
+               upload: bytes | None = None, method: bytes = b"") -> None:
         """A request from mongrel2 (``upload``: its body's temp file, checked genuine)."""
         self.arrived += 1
-        request = Request(conn, sender, raw, now, upload)
+        request = Request(conn, sender, raw, now, upload, method_label(method))
         if conn in self.fronts:
             request.state = BEHIND
             waiting = self.behind.get(conn)
@@ -244,7 +251,7 @@ class Broker:
             self.dispatch(now)  # those arrived at this wake-up may have slots
             self.queue = deque(r for r in self.queue if r.state == QUEUED)
             if len(self.queue) >= self.max_queue:
-                return self._fail(request, 503, "queue full", retry_after=True)
+                return self._fail(request, now, 503, "queue full", retry_after=True)
         self.fronts[conn] = request
         self.queue.append(request)
 
@@ -305,9 +312,10 @@ class Broker:
             self._rebuild_slots()
         return worker
 
-    def output(self, identity: bytes, done: Iterable[bytes], started: Iterable[bytes],
-               now: float) -> set[bytes] | None:
-        """The worker sent responses: ``started`` have begun, ``done`` are finished.
+    def output(self, identity: bytes, done: Sequence[bytes], started: Iterable[bytes],
+               now: float, statuses: Sequence[bytes]) -> set[bytes] | None:
+        """The worker sent responses: ``started`` have begun, ``done`` are finished, with
+        ``statuses`` (their HTTP statuses as digits, one per ``done``; b"" if unknown).
         Returns the connections among them whose messages must be discarded (orphans),
         or None (the usual case)."""
         in_flight = self.in_flight
@@ -320,7 +328,8 @@ class Broker:
                 elif request.state == ORPHANED:
                     discard = (discard or set()) | {conn}
         worker = self.workers.get(identity)
-        for conn in done:
+        observe = self.durations.observe
+        for conn, status in zip(done, statuses):
             request = in_flight.get(conn)
             if request is None or request.worker != identity:
                 continue
@@ -334,6 +343,8 @@ class Broker:
                 self._orphan_ended(request, now)
                 continue
             request.state = DONE
+            if status:
+                observe((request.method, status), now - request.arrived)
             if conn in self.behind:
                 self._next_front(conn, now)
             else:
@@ -408,7 +419,7 @@ class Broker:
             elif request.state == RESPONDING:
                 self._close(request, "closed: " + reason)
             else:
-                self._fail(request, 502, reason)
+                self._fail(request, now, 502, reason)
         worker.held = {}
         for request in reversed(back):
             self.requeued += 1
@@ -439,6 +450,8 @@ class Broker:
                     return
             if not worker.held:
                 worker.progress = now  # busy from now
+            if request.handed_at < 0:
+                self.waits.observe((), now - request.arrived)
             worker.dispatched += 1
             worker.handed += 1
             request.state, request.worker, request.index = HELD, worker.id, worker.handed
@@ -487,7 +500,7 @@ class Broker:
             queue_limit = now - self.queue_timeout
             for request in self.queue:
                 if request.state == QUEUED and request.queued_at < queue_limit:
-                    self._fail(request, 503, "no worker took it in queue_timeout",
+                    self._fail(request, now, 503, "no worker took it in queue_timeout",
                                retry_after=True)
             self.queue = deque(r for r in self.queue if r.state == QUEUED)
         stuck_limit = now - self.timeout
@@ -510,15 +523,16 @@ class Broker:
         self._unhold(worker, request)
         worker.failed += 1
         self.failed_held += 1
-        self._fail(request, 504, "response not started within timeout")
+        self._fail(request, now, 504, "response not started within timeout")
         if worker.doomed is None:
             worker.doomed = now
             self.actions.append(Kill(worker.pid, f"stuck for {self.timeout:g}s on a request"))
             self._rebuild_slots()
 
-    def refused(self, status: int, reason: str) -> None:
-        """A message admission answered itself (400, 413): counted with the others."""
+    def refused(self, status: int, reason: str, method: bytes) -> None:
+        """A request admission answered itself (400, 413): counted with the others."""
         self.failures[f"{status} {reason}"] += 1
+        self.durations.observe((method_label(method), b"%d" % status), 0.0)
 
     # ------------------------------------------------------------ stopping
 
@@ -537,7 +551,7 @@ class Broker:
         while self.queue:
             request = self.queue.popleft()
             if request.state == QUEUED:
-                self._fail(request, 503, "dispatcher stopping", retry_after=True)
+                self._fail(request, now, 503, "dispatcher stopping", retry_after=True)
 
     @property
     def idle(self) -> bool:
@@ -577,10 +591,11 @@ class Broker:
         for request in self.behind.pop(conn, ()):
             self._drop(request)
 
-    def _fail(self, request: Request, status: int, reason: str,
+    def _fail(self, request: Request, now: float, status: int, reason: str,
               retry_after: bool = False) -> None:
         request.state = FAILED
         self.failures[f"{status} {reason}"] += 1
+        self.durations.observe((request.method, b"%d" % status), now - request.arrived)
         self.actions.append(Fail(request, status, reason, retry_after))
         self._front_closed(request)
 
@@ -628,12 +643,17 @@ class Broker:
         """Requests queued now (pipelined ones behind others not counted)."""
         return sum(1 for request in self.queue if request.state == QUEUED)
 
-    def snapshot(self) -> dict[str, Any]:
-        """The counters and the current state, as JSON-ready data."""
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The counters and the current state, as JSON-ready data. ``durations``: every
+        answered request by method and status; ``waits``: from arrival to hand-out."""
         workers = self.workers.values()
+        queued = [r.queued_at for r in self.queue if r.state == QUEUED]
         return {
-            "queue": self.waiting(),
+            "queue": len(queued),
+            "oldest_wait": round(now - min(queued), 6) if queued else 0.0,
             "in_flight": len(self.in_flight),
+            "active": len(self.fronts) + sum(len(w) for w in self.behind.values()),
+            "prefetched": sum(max(0, len(w.held) - w.threads) for w in workers),
             "busy_workers": sum(1 for w in workers if w.state == "busy"),
             "idle_workers": sum(1 for w in workers if w.state == "idle"),
             "leaving_workers": sum(1 for w in workers if w.state == "leaving"),
@@ -646,6 +666,8 @@ class Broker:
             "replayed": self.replayed,
             "dropped": self.dropped,
             "failures": dict(self.failures),
+            "durations": self.durations.snapshot(),
+            "waits": self.waits.snapshot(),
             "workers": {
                 str(w.pid): {"state": w.state, "free": w.free, "holding": len(w.held),
                              "leaving": w.leaving, "dispatched": w.dispatched,

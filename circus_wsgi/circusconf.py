@@ -36,6 +36,8 @@ MONGREL2_GRACEFUL_TIMEOUT = 5.0
 STOP_MARGIN = 2.0
 #: The flapping plugin circus.ini loads: a fixed subclass of circus's own.
 FLAPPING_PLUGIN = "circus_wsgi.flapping.Flapping"
+#: The autoscaling plugin, loaded when workers_max is above workers_min.
+AUTOSCALE_PLUGIN = "circus_wsgi.autoscale.Autoscaler"
 
 #: What circus substitutes in a value, and how its parser ends a value early.
 _CIRCUS_VARIABLE = re.compile(r"\$\(circus\.[\w.-]+\)|\(\(circus\.[\w.-]+\)\)", re.I)
@@ -172,7 +174,7 @@ def _dispatcher_section(settings: Settings) -> Section:
 def _workers_section(settings: Settings) -> Section:
     options = {
         "cmd": _command(_python("circus_wsgi", "worker", *settings.to_argv())),
-        "numprocesses": str(settings.workers),
+        "numprocesses": str(settings.starting_workers),
         "working_dir": _raw("chdir", settings.chdir, settings.chdir),
         "priority": "1",
         "graceful_timeout": _number(settings.graceful_timeout + STOP_MARGIN),
@@ -209,13 +211,42 @@ def _env_sections(settings: Settings) -> list[Section]:
     return sections
 
 
+def _metrics_section(settings: Settings, run: RunDir) -> Section:
+    argv = _python("circus_wsgi", "metrics",
+                   *settings.to_argv(["run_dir", "metrics", "endpoint", "log_level"]))
+    if settings.metrics_token:
+        token = settings.metrics_token
+        argv += ["--metrics-token", token if token.startswith("@") else f"@{run.metrics_token}"]
+    return ("watcher:metrics", "The Prometheus endpoint (circus-wsgi metrics).", {
+        "cmd": _command(argv),
+        "working_dir": "/",
+        "singleton": "True",
+        "numprocesses": "1",
+        "priority": "0",
+        "copy_env": "True",
+        **_streams("metrics"),
+    })
+
+
+def _autoscale_section(settings: Settings) -> Section:
+    return ("plugin:autoscale", "Sets the number of workers from the load "
+            "(circus_wsgi.autoscale).", {
+                "use": AUTOSCALE_PLUGIN,
+                "watcher": "workers",
+                "min": str(settings.workers_min),
+                "max": str(settings.workers_max),
+                "scale_down_idle": _number(settings.scale_down_idle),
+                "run_dir": _raw("run_dir", settings.run_dir, settings.run_dir),
+            })
+
+
 def _flapping_section(settings: Settings) -> Section:
     return ("plugin:flapping", "Stops a watcher whose processes crash in a loop.", {
         "use": FLAPPING_PLUGIN,
         "attempts": str(settings.flapping_attempts),
         "window": _number(settings.flapping_window),
         "retry_in": _number(settings.flapping_retry_in),
-        "max_retry": str(settings.flapping_max_retry),
+        "retries": str(settings.flapping_max_retry),  # max_retry is also circus's own
     })
 
 
@@ -247,8 +278,12 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     if settings.mode == "dispatcher":
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
+    if settings.metrics:
+        sections.append(_metrics_section(settings, run))
     sections += _env_sections(settings)
     sections.append(_flapping_section(settings))
+    if settings.autoscaling:
+        sections.append(_autoscale_section(settings))
     return sections
 
 

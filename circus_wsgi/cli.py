@@ -44,6 +44,12 @@ def _dispatcher(settings: Settings, args: argparse.Namespace) -> int:
     return run_dispatcher(settings)
 
 
+def _metrics(settings: Settings, args: argparse.Namespace) -> int:
+    from .metrics import run_metrics
+
+    return run_metrics(settings)
+
+
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from .status import print_status
 
@@ -57,6 +63,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[Settings, argparse.Namespace], int]]] 
     "dispatcher": ("run the dispatcher (what circus runs for the dispatcher watcher)",
                    _dispatcher),
     "status": ("print the dispatcher's counters: queue, busy and idle workers, 5xx", _status),
+    "metrics": ("serve GET /metrics for Prometheus (what circus runs for the metrics "
+                "watcher)", _metrics),
 }
 
 

@@ -44,7 +44,17 @@ def write_configs(settings: Settings, directory: str | os.PathLike[str]) -> dict
     directory.mkdir(parents=True, exist_ok=True)
     RunDir(Path(resolved.run_dir)).create()
     sqlite_path, conf_path = write_mongrel2_config(resolved, directory)
+    _write_secret(resolved.metrics_token, RunDir(Path(resolved.run_dir)).metrics_token)
     ini_path.touch(mode=0o600)
     ini_path.chmod(0o600)  # before writing: it may hold secrets in the workers' environment
     ini_path.write_text(ini_text)
     return {"config.sqlite": sqlite_path, "mongrel2.conf": conf_path, "circus.ini": ini_path}
+
+
+def _write_secret(value: str, path: Path) -> None:
+    """A token given in the settings goes to a file of its own (mode 0600), which the
+    process that needs it reads: never its command line."""
+    if value and not value.startswith("@"):
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(value + "\n")

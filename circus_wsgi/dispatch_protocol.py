@@ -22,13 +22,13 @@ Worker -> dispatcher:
     it begins (:mod:`circus_wsgi.board`), and begins them in that order. The
     ``conn_id`` values are the connections of the requests it holds now (those of a
     previous dispatcher, after a restart).
-``OUTPUT done started m2msg...``
+``OUTPUT done started statuses m2msg...``
     Forward these mongrel2 response messages, in order (the close message
     included where a connection must close). ``done`` is the space-separated
     ids of the connections whose response is complete: those requests are
-    finished and their slots free. ``started`` is the ids of those whose
-    response has begun but not ended: their ``timeout`` no longer applies.
-    Either may be empty. A worker sends one OUTPUT for all it has to say when
+    finished and their slots free; ``statuses`` their HTTP statuses, in the
+    same order. ``started`` is the ids of those whose response has begun but
+    not ended: their ``timeout`` no longer applies. Any may be empty. A worker sends one OUTPUT for all it has to say when
     it runs out of work or before it waits, so under load one message carries
     many responses.
 ``RETURN conn_id...``

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 import select
 import signal
 import time
+from collections import Counter, deque
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +62,8 @@ CREDITS_BODY = b'18:{"type":"credits"},'
 DISCONNECT_BODY = b'21:{"type":"disconnect"},'
 #: How often queue and request deadlines are checked, in seconds.
 TICK = 0.1
+#: The plugins' last decisions kept for the status and the console.
+DECISIONS_KEPT = 50
 #: Workers' frames this large (response messages) are forwarded as views of the bytes
 #: read, not copied out of them (:class:`framing.LengthPrefixed`).
 WORKER_LAYOUT = framing.LengthPrefixed(view_from=16 * 1024)
@@ -101,6 +105,8 @@ class Dispatcher:
         self.windows = Windows(self._to_mongrel2) if settings.flow_control else None
         self.outgoing: list[Buffer] = []  # for mongrel2, sent at the loop's turn
         self.malformed = 0  # messages that were not what the protocol says
+        self.decisions: deque[dict] = deque(maxlen=DECISIONS_KEPT)  # plugins' notes
+        self.scale_events: Counter[tuple[str, str]] = Counter()  # (direction, reason)
         # Every socket is polled by its file descriptor, the status socket's too (its
         # ZMQ_FD): a zmq_poll costs several system calls per ZeroMQ socket per call.
         # That descriptor turns readable when the socket's state may have changed; its
@@ -317,11 +323,11 @@ class Dispatcher:
                 return
         plain = plain_request(raw)
         if plain is not None:  # most requests: nothing to check
-            sender, conn, window = plain
+            sender, conn, window, method = plain
             if not self.gate.blocked(conn):
                 if window and self.windows is not None:  # the connection's first request
                     self.windows.opened(conn, window)
-                self.broker.arrive(conn, sender, raw, time.monotonic())
+                self.broker.arrive(conn, sender, raw, time.monotonic(), None, method)
             return
         try:
             message = parse(raw)
@@ -358,11 +364,12 @@ class Dispatcher:
             return self._refuse(message, refusal)
         if self.windows is not None and message.credits:  # the connection's first request
             self.windows.opened(message.conn_id, message.credits)
-        self.broker.arrive(message.conn_id, message.sender, raw, now, upload)
+        self.broker.arrive(message.conn_id, message.sender, raw, now, upload,
+                           _method(message))
 
     def _refuse(self, message: Message, refusal: Refusal) -> None:
         self._send_error(message.sender, message.conn_id, refusal.status, refusal.reason)
-        self.broker.refused(refusal.status, refusal.reason)
+        self.broker.refused(refusal.status, refusal.reason, _method(message))
 
     def _on_credits(self, conn: bytes, credits: int, raw: bytes) -> None:
         if self.windows is not None:
@@ -438,7 +445,8 @@ class Dispatcher:
     def _on_worker_command(self, identity: bytes, command: framing.Frame,
                            frames: list[framing.Frame]) -> None:
         if command == dp.OUTPUT:
-            self._on_output(identity, frames[1].split(), frames[2].split(), frames[3:])
+            self._on_output(identity, frames[1].split(), frames[2].split(), frames[3].split(),
+                            frames[4:])
         elif command == dp.READY:
             self._on_ready(identity, int(frames[1]), int(frames[2]), int(frames[3]),
                            int(frames[4]))
@@ -456,10 +464,13 @@ class Dispatcher:
             log.warning("unknown command %r from a worker", command)
 
     def _on_output(self, identity: bytes, done: list[bytes], started: list[bytes],
-                   messages: list[Buffer]) -> None:
+                   statuses: list[bytes], messages: list[Buffer]) -> None:
         if self.heard_of is not None:
             self.heard_of.update(done + started)
-        discard = self.broker.output(identity, done, started, time.monotonic())
+        if len(statuses) != len(done):
+            self.malformed += 1
+            statuses = [b""] * len(done)
+        discard = self.broker.output(identity, done, started, time.monotonic(), statuses)
         if discard:  # responses for clients of a mongrel2 that is gone
             messages = [m for m in messages if addressed(m)[0][0] not in discard]
         if self.windows is not None:
@@ -619,15 +630,36 @@ class Dispatcher:
         log.warning("%d for connection %s: %s", status, conn.decode(), reason)
 
     def _answer_status(self) -> None:
+        """A status question (the snapshot is the answer), or a plugin's note of a
+        decision (``{"decision": {...}}``: kept for the console, scale events counted)."""
         while _readable(self.status_socket):  # one may have come in while answering
-            self.status_socket.recv()
-            self.status_socket.send_json(self.snapshot())
+            question = self.status_socket.recv()
+            if question.startswith(b"{"):
+                self.status_socket.send_json({"ok": self._note(question)})
+            else:
+                self.status_socket.send_json(self.snapshot())
+
+    def _note(self, question: bytes) -> bool:
+        try:
+            decision = json.loads(question)["decision"]
+            by, action = str(decision["by"]), str(decision["action"])
+            reason, detail = str(decision.get("reason", "")), str(decision.get("detail", ""))
+        except (ValueError, KeyError, TypeError):
+            self.malformed += 1
+            return False
+        self.decisions.append({"at": time.time(), "by": by, "action": action,
+                               "reason": reason, "detail": detail})
+        if by == "autoscaler" and action in ("up", "down"):
+            self.scale_events[(action, reason)] += 1
+        return True
 
     def snapshot(self) -> dict:
         """The broker's counters and state, and what each worker runs now (its board)."""
-        snapshot = self.broker.snapshot()
-        snapshot["malformed"] = self.malformed
         now = time.monotonic()
+        snapshot = self.broker.snapshot(now)
+        snapshot["malformed"] = self.malformed
+        snapshot["scale_events"] = [[*key, count] for key, count in self.scale_events.items()]
+        snapshot["decisions"] = list(self.decisions)
         for identity, worker in self.broker.workers.items():
             board = self.boards.get(identity)
             if board is None:
@@ -700,6 +732,11 @@ def _connect(endpoint: str, socket_type: str) -> framing.FramedStream | None:
     except (OSError, ValueError) as error:
         log.warning("cannot connect to mongrel2's %s: %s", endpoint, error)
         return None
+
+
+def _method(message: Message) -> bytes:
+    method = message.headers.get(b"METHOD")
+    return method if isinstance(method, bytes) else b""
 
 
 def _request_line(request: Request | None) -> tuple[str, str]:

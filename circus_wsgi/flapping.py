@@ -11,9 +11,14 @@ Configured like the stock plugin; a watcher may override each option with
     attempts = 3        # this many crashes ...
     window = 5          # ... within this many seconds are a crash loop:
     retry_in = 10       # stop the watcher and start it again this much later,
-    max_retry = 2       # this many times; then stop it for good (-1: never)
+    retries = 2         # this many times; then stop it for good (-1: never)
 
 What it fixes in circus 0.19's ``circus.plugins.flapping.Flapping``:
+
+- Its ``max_retry`` is called ``retries`` here: circus also reads a plugin
+  section's options as those of the watcher that runs the plugin, and to circus
+  ``max_retry = 0`` means "never start it": the plugin never ran at all. (A
+  watcher's own ``flapping.max_retry`` still overrides it.)
 
 - Only crashes count (:func:`circus_wsgi.exits.is_crash`): recycling (exit 0),
   stops and reloads (SIGTERM) and the dispatcher's kills of stuck workers
@@ -69,6 +74,7 @@ class Flapping(flapping.Flapping):
         # above, and the DEBUG lines (asyncio's among them) would only flood the log.
         logging.getLogger().setLevel(logging.INFO)
         super().__init__(*args, **config)
+        self.max_retry = int(config.get("retries", self.max_retry))
         #: Watchers this plugin has stopped, until circusd reports them stopped.
         self.stopping: set[str] = set()
         #: Per watcher, the time of its last counted crash or retry.

@@ -128,8 +128,8 @@ _NOT_PLAIN = (b"content-length", b"transfer-encoding", b"x-mongrel2-upload",
               b"6:METHOD,4:JSON,")
 
 
-def plain_request(data: bytes) -> tuple[bytes, bytes, int] | None:
-    """(sender, conn_id, window) of a request that needs no look at its headers:
+def plain_request(data: bytes) -> tuple[bytes, bytes, int, bytes] | None:
+    """(sender, conn_id, window, method) of a request that needs no look at its headers:
     tnetstring headers with a METHOD, an empty body, none of the headers above;
     ``window`` is its DOWNLOAD_CREDITS (a connection's first request), else 0. None for
     anything else, which :func:`parse` then reads in full. (The dispatcher's fast path.)"""
@@ -143,10 +143,12 @@ def plain_request(data: bytes) -> tuple[bytes, bytes, int] | None:
         headers = tnetstring.loads(parts[3][:-3])
     except ValueError:
         return None
-    if type(headers) is not dict or type(headers.get(b"METHOD")) is not bytes:
+    method = headers.get(b"METHOD") if type(headers) is dict else None
+    if type(method) is not bytes:
         return None
     window = headers.get(b"DOWNLOAD_CREDITS", b"")
-    return parts[0], parts[1], int(window) if type(window) is bytes and window.isdigit() else 0
+    return (parts[0], parts[1], int(window) if type(window) is bytes and window.isdigit()
+            else 0, method)
 
 
 #: Methods whose request may be run twice with the effect of once (RFC 9110, 9.2.2).

@@ -76,6 +76,11 @@ class RunDir:
         return self.path / "mongrel2-access.log"
 
     @property
+    def metrics_token(self) -> Path:
+        """The metrics endpoint's token, when the settings give it (mode 0600)."""
+        return self.path / "metrics.token"
+
+    @property
     def uploads(self) -> Path:
         """Directory of mongrel2's upload temp files."""
         return self.path / "uploads"

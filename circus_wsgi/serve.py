@@ -56,7 +56,7 @@ IMPORT_TIMEOUT = 120.0
 #: How long processes left behind by a killed circusd get to exit after SIGTERM.
 ORPHAN_TIMEOUT = 5.0
 #: The watchers serve runs, as circus.ini names them.
-WATCHERS = ("mongrel2", "dispatcher", "workers")
+WATCHERS = ("mongrel2", "dispatcher", "workers", "metrics")
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -106,16 +106,28 @@ def check_mongrel2() -> None:
                          "(or run make serve, which installs it)")
 
 
-def check_port(bind: str) -> None:
-    """Fail now if the HTTP address cannot be listened on."""
+def check_port(bind: str, what: str = "") -> None:
+    """Fail now if the address (HTTP's, or ``what``'s) cannot be listened on."""
     host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, int(port)))
         except OSError as error:
-            raise ServeError(f"cannot listen on {bind}: {error.strerror}") from None
+            raise ServeError(f"cannot listen on {bind}{what}: {error.strerror}") from None
+
+
+def check_token(value: str, name: str) -> None:
+    """A token given as @FILE must be readable and not empty."""
+    if value.startswith("@"):
+        try:
+            if not Path(value[1:]).read_text().strip():
+                raise ServeError(f"setting {name!r}: {value[1:]} is empty")
+        except OSError as error:
+            raise ServeError(f"setting {name!r}: cannot read {value[1:]}: "
+                             f"{error.strerror}") from None
 
 
 def check_access_log(settings: Settings) -> None:
@@ -234,7 +246,8 @@ class Stack:
             if self.process.poll() is not None:
                 raise ServeError(f"circusd exited ({describe(self.process.returncode)}) "
                                  "before the stack was ready (see the log above)")
-            if _listening(host, int(port)) and self._workers_ready():
+            if _listening(host, int(port)) and self._workers_ready() and \
+                    self._metrics_ready():
                 return
             self._check_watchers(started)
             time.sleep(0.05)
@@ -253,6 +266,12 @@ class Stack:
             elif name in started:
                 raise ServeError(f"{name} crashed in a loop at start and circus stopped "
                                  f"its watcher (see the {name}. lines above)")
+
+    def _metrics_ready(self) -> bool:
+        if not self.settings.metrics:
+            return True
+        host, _, port = self.settings.metrics.rpartition(":")
+        return _listening(host.strip("[]"), int(port))
 
     def _workers_ready(self) -> bool:
         if self.settings.mode == "direct":
@@ -371,11 +390,15 @@ def _announce(settings: Settings) -> None:
     run = RunDir(Path(settings.run_dir))
     endpoint = settings.endpoint or run.circus_endpoint
     threads = f" x {settings.threads} threads" if settings.threads > 1 else ""
-    print(f"Serving {settings.app} at http://{settings.bind}/ with {settings.workers} "
-          f"workers{threads}", flush=True)
+    scaling = f" (autoscaling {settings.workers_min} to {settings.workers_max})" \
+        if settings.autoscaling else ""
+    print(f"Serving {settings.app} at http://{settings.bind}/ with "
+          f"{settings.starting_workers} workers{threads}{scaling}", flush=True)
     print(f"Control: export CIRCUSCTL_ENDPOINT={endpoint}", flush=True)
     print(f"Watch:   circus-top --endpoint {run.circus_stats}    "
           f"Status: circus-wsgi status --run-dir {settings.run_dir}", flush=True)
+    if settings.metrics:
+        print(f"Metrics: http://{settings.metrics}/metrics", flush=True)
 
 
 def preflight(settings: Settings) -> tuple[Settings, bool]:
@@ -383,6 +406,9 @@ def preflight(settings: Settings) -> tuple[Settings, bool]:
     True when serve created it."""
     check_mongrel2()
     check_port(settings.bind)
+    if settings.metrics:
+        check_port(settings.metrics, " (metrics)")
+        check_token(settings.metrics_token, "metrics_token")
     check_access_log(settings)
     check_app(settings)
     return prepare_run_dir(settings)

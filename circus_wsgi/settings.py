@@ -19,7 +19,6 @@ import re
 import runpy
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .rundir import IPC_PATH_MAX, RUN_DIR_MAX
@@ -126,6 +125,27 @@ def _bind(value: Any) -> str:
 
 
 _bind.kind = "HOST:PORT"  # type: ignore[attr-defined]
+
+
+def _listen(value: Any) -> str:
+    """An optional ``[HOST:]PORT`` to listen on; HOST defaults to 127.0.0.1."""
+    if value in ("", None):
+        return ""
+    text = str(value)
+    return _bind(text if ":" in text else f"127.0.0.1:{text}")
+
+
+_listen.kind = "[HOST:]PORT"  # type: ignore[attr-defined]
+
+
+def _secret(value: Any) -> str:
+    """A token, or ``@FILE`` naming a file that holds it."""
+    if not isinstance(value, str) or any(c.isspace() for c in value.strip()):
+        raise ValueError("must be a token without spaces, or @FILE")
+    return value.strip()
+
+
+_secret.kind = "TOKEN | @FILE"  # type: ignore[attr-defined]
 
 
 def _directory_path(value: Any) -> str:
@@ -251,6 +271,7 @@ class Setting:
     help: str
     metavar: str = ""
     repeat: bool = False  # the flag may be given several times, building a list
+    secret: bool = False  # never on a command line (others can read those): see to_argv
 
     @property
     def flag(self) -> str:
@@ -324,6 +345,15 @@ SETTINGS: tuple[Setting, ...] = (
        "A worker whose resident memory passes this many MiB finishes what it holds, exits "
        "cleanly and circus starts a fresh one, as after max_requests; checked every second "
        "(0: never).", "MIB"),
+    # -- autoscaling
+    _S("workers_min", "autoscaling", 1, _integer(1),
+       "The fewest workers autoscaling leaves running.", "N"),
+    _S("workers_max", "autoscaling", 0, _integer(0),
+       "The most workers autoscaling starts; autoscaling is on when this is above "
+       "workers_min, and workers (if given) is then the starting count, else workers_min. "
+       "0: no autoscaling.", "N"),
+    _S("scale_down_idle", "autoscaling", 60.0, _seconds(1),
+       "Autoscaling stops one worker (gracefully) once some have been idle this long.", "S"),
     # -- dispatcher
     _S("queue_timeout", "dispatcher", 5.0, _seconds(0.1),
        "A request that no worker takes within this time gets 503 with Retry-After.", "S"),
@@ -345,6 +375,14 @@ SETTINGS: tuple[Setting, ...] = (
        "mongrel2's download.flow_control: streamed responses are paced by the client's "
        "reading, keeping worker and mongrel2 memory bounded. Dispatcher mode only: in direct "
        "mode mongrel2 would deal credit notices to the wrong workers, so it is off there.", "BOOL"),
+    # -- monitoring
+    _S("metrics", "monitoring", "", _listen,
+       "Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1); "
+       "off unless given.", "[HOST:]PORT"),
+    _S("metrics_token", "monitoring", "", _secret,
+       "A token scrapers must send as Authorization: Bearer TOKEN, or @FILE holding it. "
+       "Needed when metrics listens on anything but a loopback address.", "TOKEN",
+       secret=True),
     # -- logging
     _S("access_log", "logging", "-", _text,
        "Where the workers write the access log: a file, - for stderr, or '' for none.", "FILE"),
@@ -407,6 +445,32 @@ class Settings:
         if self.run_dir and len(self.run_dir.encode()) > RUN_DIR_MAX:
             raise SettingsError("run_dir", self.run_dir,
                                 f"too long for ipc sockets: at most {RUN_DIR_MAX} bytes")
+        if self.workers_max and self.workers_max < self.workers_min:
+            raise SettingsError("workers_max", self.workers_max,
+                                f"must be at least workers_min ({self.workers_min})")
+        if self.autoscaling:
+            if self.mode == "direct":
+                raise SettingsError("workers_max", self.workers_max,
+                                    "autoscaling needs the dispatcher (mode dispatcher)")
+            if "workers" in self.changed() and not \
+                    self.workers_min <= self.workers <= self.workers_max:
+                raise SettingsError("workers", self.workers, "must be within workers_min.."
+                                    f"workers_max ({self.workers_min}..{self.workers_max})")
+        if self.metrics and not self.metrics_token and not _loopback(self.metrics):
+            raise SettingsError("metrics", self.metrics, "listening beyond this host needs "
+                                "metrics_token: scrapers from elsewhere must authenticate")
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether the number of workers follows the load (workers_max above workers_min)."""
+        return self.workers_max > self.workers_min
+
+    @property
+    def starting_workers(self) -> int:
+        """How many workers the stack starts with."""
+        if not self.autoscaling:
+            return self.workers
+        return self.workers if "workers" in self.changed() else self.workers_min
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -444,7 +508,8 @@ class Settings:
         return self.replace(run_dir=run_dir, server_uuid=server_uuid)
 
     def to_argv(self, names: Iterable[str] | None = None) -> list[str]:
-        """Command-line flags that rebuild these values (defaults left out).
+        """Command-line flags that rebuild these values (defaults and secrets left out:
+        a command line is readable by every user of the host).
 
         ``names`` limits the flags to those settings; the app comes first, bare.
         """
@@ -453,9 +518,9 @@ class Settings:
         if "app" in wanted and self.app:
             argv.append(self.app)
         for name, value in self.changed().items():
-            if name == "app" or name not in wanted:
-                continue
             setting = _BY_NAME[name]
+            if name == "app" or name not in wanted or setting.secret:
+                continue
             if setting.repeat:
                 for key, val in value:
                     argv += [setting.flag, f"{key}={val}"]
@@ -481,6 +546,11 @@ class Settings:
             raise SettingsError("settings", str(path),
                                 "the file must assign settings = Settings(...)")
         return settings
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 def _render(value: Any) -> str:

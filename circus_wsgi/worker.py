@@ -93,6 +93,8 @@ FLUSH_AFTER = 0.001
 REFUSED_FOR = 2.0
 #: Seconds between two looks at the worker's resident memory (max_worker_memory).
 MEMORY_CHECK_EVERY = 1.0
+#: Statuses as the digits OUTPUT carries, for the common ones.
+_STATUS_TEXT = {code: b"%d" % code for code in range(100, 600)}
 # Poll flags as plain ints (``|`` on pyzmq's enum flags runs Python code: 0.6 us per turn).
 _READ, _READ_WRITE = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
@@ -118,13 +120,14 @@ class Outbox:
     outbox by :meth:`notice`, in the loop thread.
     """
 
-    __slots__ = ("sender", "conn_id", "index", "pacer", "gone", "started", "notices",
+    __slots__ = ("sender", "conn_id", "index", "pacer", "status", "gone", "started", "notices",
                  "_deliver", "_wait", "_waiting", "_probe")
 
     def __init__(self, message: Message, index: int, pacer: Pacer, deliver: Callable,
                  wait: Callable, threaded: bool) -> None:
         self.sender, self.conn_id, self.pacer = message.sender, message.conn_id, pacer
         self.index = index  # its number among the requests received (circus_wsgi.board)
+        self.status = 0  # the response's HTTP status, once known (set by the Exchange)
         self.gone = False  # the client left (or stalled): send nothing more
         self.started = False  # some of the response went out before finish()
         self.notices: Optional[queue.SimpleQueue] = queue.SimpleQueue() if threaded else None
@@ -251,6 +254,7 @@ class DispatcherLink:
         self.retry_at = 0.0
         self.messages: list[bytes] = []
         self.done: list[bytes] = []
+        self.statuses: list[bytes] = []  # of the done ones, in order
         self.started: list[bytes] = []
 
     @property
@@ -323,16 +327,21 @@ class DispatcherLink:
         if conn_ids:
             self._send((dp.RETURN, *conn_ids))
 
-    def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
+    def send(self, conn_id: bytes, messages: list[bytes], done: bool, status: int) -> None:
         self.messages += messages
-        (self.done if done else self.started).append(conn_id)
+        if done:
+            self.done.append(conn_id)
+            self.statuses.append(_STATUS_TEXT.get(status) or b"%d" % status)
+        else:
+            self.started.append(conn_id)
 
     def flush(self) -> None:
         """Send what :meth:`send` kept, as one OUTPUT message, and what waits for the
         socket to be writable."""
         if self.done or self.started:
-            frames = (dp.OUTPUT, b" ".join(self.done), b" ".join(self.started), *self.messages)
-            self.messages, self.done, self.started = [], [], []
+            frames = (dp.OUTPUT, b" ".join(self.done), b" ".join(self.started),
+                      b" ".join(self.statuses), *self.messages)
+            self.messages, self.done, self.statuses, self.started = [], [], [], []
             self._send(frames)
         elif self.backlogged:
             try:
@@ -410,7 +419,7 @@ class DirectLink:
         self.socket.close()
         return taken
 
-    def send(self, conn_id: bytes, messages: list[bytes], done: bool) -> None:
+    def send(self, conn_id: bytes, messages: list[bytes], done: bool, status: int) -> None:
         for message in messages:
             self.out.send(message)
 
@@ -763,6 +772,7 @@ class Worker:
         log.warning("refused %s %s: %s", message.headers[b"METHOD"].decode("latin-1"),
                     message.path.decode("latin-1"), refusal)
         started, clock = time.time(), time.perf_counter()
+        outbox.status = refusal.status
         outbox.finish(httpmsg.error_response(refusal.status), True)
         if self.logging:
             self._log(self.router.site(message).environ(message), refusal.status, 0, started,
@@ -772,7 +782,7 @@ class Worker:
         """Answer ``status`` and close, for a message that is not a held request."""
         self.link.send(message.conn_id, [
             protocol.response(message.sender, message.conn_id, httpmsg.error_response(status)),
-            protocol.close(message.sender, message.conn_id)], True)
+            protocol.close(message.sender, message.conn_id)], True, status)
 
     def _serve(self, message: Message, outbox: Outbox) -> None:
         """Run the application for one request (in the loop or an application thread).
@@ -909,7 +919,7 @@ class Worker:
         try:
             if done and self.signalled and not self.stopping:
                 self._begin_stop(time.monotonic())  # LEAVING before the OUTPUT that frees a slot
-            self.link.send(outbox.conn_id, messages, done)
+            self.link.send(outbox.conn_id, messages, done, outbox.status)
         finally:
             self.in_io = previous
         if done:

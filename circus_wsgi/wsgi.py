@@ -59,7 +59,9 @@ class ClientGone(Exception):
 
 
 class Outbox(Protocol):
-    """Where an :class:`Exchange` sends its response's bytes."""
+    """Where an :class:`Exchange` sends its response's bytes, and tells its status."""
+
+    status: int
 
     def write(self, data: bytes) -> None:
         """Send ``data`` (may wait for the client); raise :class:`ClientGone` if it left."""
@@ -340,6 +342,7 @@ class Exchange:
             _STATUSES, status, _status_line)
         text, length, date, server, close = self._check_headers(headers)
         self.status, self._line, self._headers, self._length = code, line, text, length
+        self.out.status = code
         self._computed = False
         self._extra = _date_and_server(date, server)
         self._close = close or not self.keep_alive
@@ -447,7 +450,8 @@ class Exchange:
         if self._started:
             self.out.finish(b"", True)
             return
-        self.status, self.sent, self._started = 500, 0, True
+        self.status = self.out.status = 500
+        self.sent, self._started = 0, True
         self.out.finish(httpmsg.error_response(500, close=self._close), self._close)
 
     # -- framing

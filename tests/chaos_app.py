@@ -4,7 +4,8 @@ so a response that reaches the wrong client is seen.
 ``/fast?t=T``: T. ``/slow?t=T&s=S``: T after S seconds (default 0.5). ``/big?t=T``:
 100 KiB made of T. ``/upload?t=T`` (POST): T and the SHA-256 of the body. ``/die``:
 the worker kills itself with SIGKILL, as a segfault or the OOM killer would.
-``/hog?mb=N``: the worker keeps N MiB more, for good (a leak).
+``/hog?mb=N``: the worker keeps N MiB more, for good (a leak). ``/status?code=N``:
+an empty response with that status.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def app(environ, start_response):
     elif path == "/hog":
         leaked.append(b"x" * (int(query.get("mb", 1)) << 20))
         body = b"%d" % os.getpid()
+    elif path == "/status":
+        start_response(f"{query.get('code', '200')} Status", [("Content-Length", "0")])
+        return []
     elif path == "/die":
         os.kill(os.getpid(), signal.SIGKILL)
         body = b""

@@ -33,6 +33,12 @@ def handed(broker: Broker, now: float = 0.0) -> dict[bytes, list[bytes]]:
     return {w: [r.conn for r in batch] for w, batch in broker.take_batches().items()}
 
 
+def output(broker: Broker, worker: bytes, done: list[bytes], started: list[bytes],
+           now: float) -> set[bytes] | None:
+    """The worker's OUTPUT: ``done`` answered 200."""
+    return broker.output(worker, done, started, now, [b"200"] * len(done))
+
+
 def kinds(broker: Broker) -> list[tuple]:
     """The actions taken, each as (kind, connection or pid, status or reason)."""
     out = []
@@ -58,8 +64,8 @@ def test_the_oldest_request_goes_to_the_least_recently_freed_slot():
     arrive(broker, b"1")
     arrive(broker, b"2")
     assert handed(broker) == {b"A": [b"1"], b"B": [b"2"]}
-    broker.output(b"B", [b"2"], [], 1.0)  # B is freed first
-    broker.output(b"A", [b"1"], [], 1.1)
+    output(broker, b"B", [b"2"], [], 1.0)  # B is freed first
+    output(broker, b"A", [b"1"], [], 1.1)
     arrive(broker, b"3")
     assert handed(broker) == {b"B": [b"3"]}
 
@@ -80,7 +86,7 @@ def test_pipelined_requests_wait_behind_the_one_before_them():
     arrive(broker, b"1")  # pipelined on the same connection
     assert handed(broker) == {b"A": [b"1"]}
     assert broker.waiting() == 0 and len(broker.behind[b"1"]) == 1
-    broker.output(b"A", [b"1"], [], 1.0)
+    output(broker, b"A", [b"1"], [], 1.0)
     assert handed(broker) == {b"A": [b"1"]}  # now the second one
 
 
@@ -170,7 +176,7 @@ def test_an_upload_that_ended_unsent_does_not_run_again_its_file_is_read():
 def test_a_begun_request_whose_response_had_begun_is_closed_not_answered():
     broker = make(prefetch=4)
     held_by_a(broker, 2)
-    broker.output(b"A", [], [b"1"], 0.1)
+    output(broker, b"A", [], [b"1"], 0.1)
     broker.worker_gone(b"A", 1, {1}, 0.0, "worker exited")
     assert kinds(broker) == [("close", b"1")]
     assert broker.waiting() == 1
@@ -215,7 +221,7 @@ def test_requests_handed_out_but_not_yet_sent_to_a_worker_that_is_gone_are_not_s
 def test_a_worker_cannot_give_back_a_request_whose_response_began():
     broker = make(prefetch=4)
     held_by_a(broker, 1)
-    broker.output(b"A", [], [b"1"], 0.1)
+    output(broker, b"A", [], [b"1"], 0.1)
     broker.returned(b"A", [b"1"], 0.2)  # a confused worker: ignored
     assert broker.waiting() == 0 and broker.holder(b"1") == b"A"
 
@@ -256,7 +262,7 @@ def test_a_killed_worker_that_stays_gives_504_for_all_it_holds():
 def test_a_response_that_began_is_not_cut_by_timeout():
     broker = make(timeout=30.0)
     held_by_a(broker, 1)
-    broker.output(b"A", [], [b"1"], 1.0)
+    output(broker, b"A", [], [b"1"], 1.0)
     broker.tick(100.0)
     assert kinds(broker) == []
 
@@ -285,7 +291,7 @@ def test_after_a_mongrel2_restart_held_responses_are_discarded_and_nothing_answe
     assert sorted(r.conn for r in orphans) == [b"1", b"2"]  # their worker is told
     assert broker.waiting() == 0
     arrive(broker, b"1")  # the new mongrel2 reuses connection ids: this waits behind
-    assert broker.output(b"A", [b"1"], [b"2"], 1.0) == {b"1", b"2"}
+    assert output(broker, b"A", [b"1"], [b"2"], 1.0) == {b"1", b"2"}
     assert handed(broker, 1.0) == {b"A": [b"1"]}  # the new client's request
     broker.worker_gone(b"A", 3, {3}, 0.0, "worker exited")  # the orphan 2 dies with it
     assert [k for k in kinds(broker) if k[0] != "discard"] == [("fail", b"1", 502)]
@@ -303,10 +309,10 @@ def test_stop_answers_what_waits_and_closes_what_workers_hold():
 def test_the_counters_add_up():
     broker = make(prefetch=4)
     held_by_a(broker, 4)
-    broker.output(b"A", [b"1"], [], 0.1)
+    output(broker, b"A", [b"1"], [], 0.1)
     broker.returned(b"A", [b"4"], 0.0)
     broker.worker_gone(b"A", 2, {2}, 0.0, "worker exited")
-    snapshot = broker.snapshot()
+    snapshot = broker.snapshot(0.0)
     assert snapshot["handed_out"] == 4
     assert (snapshot["completed"], snapshot["failed_held"], snapshot["given_back"],
             snapshot["requeued"]) == (1, 1, 1, 1)
@@ -434,17 +440,17 @@ def run_interleaving(operations, prefetch: int, created: list) -> None:
                 begun.add(id(request))
             model.running.append(request)
         elif operation == "respond" and model and model.running:
-            broker.output(model.id, [], [model.running[0].conn], now)
+            output(broker, model.id, [], [model.running[0].conn], now)
         elif operation == "finish" and model and model.running:
             request = model.running.pop(0)
-            broker.output(model.id, [request.conn], [], now)
+            output(broker, model.id, [request.conn], [], now)
         elif operation == "end_quietly" and model and model.running:
             request = model.running.pop(0)
             model.unsent.append(request)
             if request.raw.startswith(b"GET") and request.upload is None:
                 begun.discard(id(request))  # it may run again if its worker dies now
         elif operation == "flush" and model and model.unsent:
-            broker.output(model.id, [r.conn for r in model.unsent], [], now)
+            output(broker, model.id, [r.conn for r in model.unsent], [], now)
             model.unsent = []
         elif operation == "give_back" and model and model.received:
             back, model.received = model.received, []
@@ -486,7 +492,7 @@ def run_interleaving(operations, prefetch: int, created: list) -> None:
                 model.begun_upto = request.index
                 model.running.append(request)
             for request in model.running + model.unsent:
-                broker.output(model.id, [request.conn], [], clock[0])
+                output(broker, model.id, [request.conn], [], clock[0])
             model.running, model.unsent = [], []
         observe()
         for identity in broker.tick(clock[0]):

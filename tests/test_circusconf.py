@@ -82,12 +82,12 @@ def test_watchers_and_plugin(run_dir: Path, settings: Settings) -> None:
     [plugin] = config["plugins"]
     assert plugin == {"__name__": "plugin:flapping", "name": "plugin:flapping",
                       "use": FLAPPING_PLUGIN, "attempts": "3", "window": "5",
-                      "retry_in": "5", "max_retry": "2"}
+                      "retry_in": "5", "retries": "2"}
     assert load(run_dir, settings.replace(
         flapping_attempts=7, flapping_window=0.5, flapping_retry_in=1.25,
         flapping_max_retry=0))["plugins"][0] | {"__name__": ""} == {
         "__name__": "", "name": "plugin:flapping", "use": FLAPPING_PLUGIN, "attempts": "7",
-        "window": "0.5", "retry_in": "1.25", "max_retry": "0"}
+        "window": "0.5", "retry_in": "1.25", "retries": "0"}
 
 
 def test_mongrel2_watcher(run_dir: Path, settings: Settings) -> None:

@@ -140,7 +140,7 @@ class WorkerPeer:
 
     def done(self, conn: bytes, body: bytes = b"HTTP/1.1 200 OK\r\n\r\n") -> None:
         m2 = b"%s %d:%s, %s" % (SENDER, len(conn), conn, body)
-        self.sock.send_multipart([dp.OUTPUT, conn, b"", m2])
+        self.sock.send_multipart([dp.OUTPUT, conn, b"", b"200", m2])
 
 
 @pytest.fixture
@@ -329,7 +329,7 @@ def test_a_started_response_is_not_cut_by_timeout(stack):
     mongrel2.send(request_bytes(1))
     assert streaming.take() == b"1"
     part = b"%s 1:1, HTTP/1.1 200 OK\r\n\r\n" % SENDER
-    streaming.sock.send_multipart([dp.OUTPUT, b"", b"1", part])
+    streaming.sock.send_multipart([dp.OUTPUT, b"", b"1", b"", part])
     mongrel2.receive()
     assert mongrel2.silent(1500)  # timeout is 1 s; no 504 comes
     streaming.done(b"1", b"tail")
@@ -465,7 +465,7 @@ def test_a_malformed_worker_message_is_counted_and_changes_nothing(stack):
     broken.sock.send_multipart([dp.READY, b"not-a-pid"])
     broken.sock.send_multipart([dp.OUTPUT])
     large = b"7" * (64 * 1024)  # frames this large are read as views, not bytes
-    broken.sock.send_multipart([dp.OUTPUT, large, b"", b"x"])
+    broken.sock.send_multipart([dp.OUTPUT, large, b"", b"", b"x"])
     good = worker()
     mongrel2.send(request_bytes(1))
     assert good.take() == b"1" and process.poll() is None
@@ -524,7 +524,7 @@ def test_one_output_finishes_several_requests_and_forwards_in_order(stack):
     mongrel2.send(request_bytes(2))
     assert {peer.take(), peer.take()} == {b"1", b"2"}
     messages = [b"%s 1:%d, part %d" % (SENDER, conn, conn) for conn in (2, 1)]
-    peer.sock.send_multipart([dp.OUTPUT, b"2 1", b"", *messages])
+    peer.sock.send_multipart([dp.OUTPUT, b"2 1", b"", b"200 200", *messages])
     assert mongrel2.receive() == (b"2", b"part 2")
     # one turn's messages go to mongrel2 as the parts of one ZeroMQ message
     assert mongrel2.sub.getsockopt(zmq.RCVMORE) == 1

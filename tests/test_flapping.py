@@ -66,7 +66,7 @@ use = circus_wsgi.flapping.Flapping
 attempts = {ATTEMPTS}
 window = {WINDOW}
 retry_in = {RETRY_IN}
-max_retry = {MAX_RETRY}
+retries = {MAX_RETRY}
 {watchers}"""
 
 
@@ -242,7 +242,7 @@ def circusctl(circus: Circus, *args: str) -> None:
 
 
 def test_a_pending_retry_is_replaced_and_reset_cancels_it():
-    plugin = Flapping("ipc://unused", "ipc://unused", 5.0, None, attempts="1", max_retry="5")
+    plugin = Flapping("ipc://unused", "ipc://unused", 5.0, None, attempts="1", retries="5")
     plugin.command = lambda command, name: True
     plugin.configs["w"] = {}
     try:

@@ -207,8 +207,8 @@ PLAIN = GET.replace(b"16:DOWNLOAD_CREDITS,6:102400,", b"").replace(b" 303:", b" 
 
 def test_plain_request_reads_sender_and_connection_of_a_request_with_nothing_to_check():
     assert protocol.parse(PLAIN).kind is Kind.REQUEST
-    assert protocol.plain_request(PLAIN) == (UUID, b"1", 0)
-    assert protocol.plain_request(GET) == (UUID, b"1", 102400)  # a connection's first
+    assert protocol.plain_request(PLAIN) == (UUID, b"1", 0, b"GET")
+    assert protocol.plain_request(GET) == (UUID, b"1", 102400, b"GET")  # a first request
     for other in (CREDITS, DISCONNECT, UPLOAD_START, UPLOAD_DONE, JSON_GET, JSON_DISCONNECT):
         assert protocol.plain_request(other) is None  # read in full instead
 
@@ -219,7 +219,8 @@ def test_plain_request_reads_sender_and_connection_of_a_request_with_nothing_to_
                 max_size=4))
 def test_plain_request_never_passes_what_parse_would_check(raw, edits):
     """Whatever the fast path takes is a well-formed request with no body, no upload
-    and no body-length header, from the same sender and connection, with its window."""
+    and no body-length header, from the same sender and connection, with its window
+    and method."""
     data = bytearray(raw)
     for position, insert, remove in edits:
         position %= len(data) + 1
@@ -228,7 +229,8 @@ def test_plain_request_never_passes_what_parse_would_check(raw, edits):
     if plain is None:
         return
     message = protocol.parse(bytes(data))
-    assert (message.sender, message.conn_id, message.credits) == plain
+    assert (message.sender, message.conn_id, message.credits,
+            message.headers[b"METHOD"]) == plain
     assert message.kind is Kind.REQUEST
     assert message.body == b"" and not protocol.is_smuggling_risk(message)
     assert not {b"content-length", b"transfer-encoding"} & set(message.headers)

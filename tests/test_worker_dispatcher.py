@@ -69,7 +69,8 @@ REPLY, DONE = b"reply", b"done"
 
 def output_events(frames: list[bytes]) -> list[list[bytes]]:
     """An OUTPUT message as [REPLY or DONE, conn_id, message...] per connection, in order."""
-    _, done, started, *messages = frames
+    _, done, started, statuses, *messages = frames
+    assert len(statuses.split()) == len(done.split())
     by_conn: dict[bytes, list[bytes]] = {}
     for message in messages:
         ids = message.split(b" ", 1)[1].split(b":", 1)[1].split(b",", 1)[0]
@@ -478,7 +479,8 @@ def test_requests_in_one_message_are_answered_in_one_output(fake, start_worker):
         frames = fake.raw()
     assert frames[0] == dp.OUTPUT
     assert frames[1].split() == conns and frames[2] == b""
-    assert [payload(m).split(b"\r\n\r\n", 1)[1] for m in frames[3:]] == [b"Hello, World!"] * 4
+    assert frames[3].split() == [b"200"] * 4  # their statuses
+    assert [payload(m).split(b"\r\n\r\n", 1)[1] for m in frames[4:]] == [b"Hello, World!"] * 4
 
 
 def test_responses_finished_before_a_slow_request_do_not_wait_for_it(fake, start_worker):

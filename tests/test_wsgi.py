@@ -37,6 +37,7 @@ class Out:
     """An Outbox that records what it is given."""
 
     def __init__(self, gone_after: int = -1) -> None:
+        self.status = 0
         self.writes: list[bytes] = []
         self.finished: list[tuple[bytes, bool]] = []
         self.gone_after = gone_after
