@@ -1,17 +1,22 @@
 # make serve: install what is missing, then serve examples/hello.py
 # make test:  install what is missing, then run the whole test suite
+# make test-trixie: (root) `make test` as the README runs it, on a throwaway Debian 13 (chroot)
 VENV   ?= .venv
 PYTHON ?= python3
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
+MONGREL2_PREFIX := $(VENV)/mongrel2
 
-.PHONY: serve test deps system-deps docs bench bench-quick clean
+.PHONY: serve test test-trixie deps system-deps docs bench bench-quick clean
 
 serve: deps
 	$(VENV)/bin/circus-wsgi serve examples.hello:app --static /static=examples/static
 
 test: deps
 	$(VENV)/bin/python -m pytest
+
+test-trixie:
+	scripts/test-trixie
 
 docs: deps
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
@@ -29,10 +34,10 @@ $(VENV)/.bench-installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	touch $@
 
+# mongrel2 and m2sh: Debian's mongrel2-core from the system's apt where it has one (Debian 12);
+# else Debian 12's packages, fetched with apt into $(MONGREL2_PREFIX) (see the script)
 system-deps:
-	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null || { \
-	  $(SUDO) apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mongrel2-core; }
+	@scripts/install-mongrel2 $(MONGREL2_PREFIX)
 
 deps: system-deps $(STAMP)
 

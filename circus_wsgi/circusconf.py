@@ -4,7 +4,8 @@ This module owns the circus side of a deployment: circusd's own endpoints (ipc
 sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-stats
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
 ``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
-and of mongrel2 (glibc malloc tuning, :mod:`.memory`), and the flapping plugin.
+and of mongrel2 (glibc malloc tuning, :mod:`.memory`; the library path of a mongrel2
+in a prefix of its own, :mod:`.mongrel2_binary`), and the flapping plugin.
 
 circus reads the file with its own parser, which differs from Python's
 configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
+from .mongrel2_binary import Mongrel2Binary, locate
 from .rundir import RunDir
 from .settings import Settings, SettingsError
 
@@ -121,8 +123,10 @@ def _circus_section(settings: Settings, run: RunDir) -> Section:
             })
 
 
-def _mongrel2_section(settings: Settings, mongrel2_db: Path) -> Section:
-    argv = _python("circus_wsgi.lifeline", "mongrel2", str(mongrel2_db), settings.server_uuid)
+def _mongrel2_section(settings: Settings, mongrel2_db: Path, binary: Mongrel2Binary
+                      ) -> Section:
+    argv = _python("circus_wsgi.lifeline", binary.path, str(mongrel2_db),
+                   settings.server_uuid)
     return ("watcher:mongrel2", "The HTTP server, run through lifeline so it dies with "
             "circusd. SIGHUP does not reload it: restart it for a new config.sqlite.", {
                 "cmd": _command(argv),
@@ -195,15 +199,20 @@ def _env_section(watcher: str, comment: str, env: dict[str, str]) -> Section:
     return (f"env:{watcher}", comment, env)
 
 
-def _env_sections(settings: Settings) -> list[Section]:
+def _env_sections(settings: Settings, binary: Mongrel2Binary) -> list[Section]:
     sections = []
+    mongrel2_env, why = binary.environment(), []
+    if mongrel2_env:
+        why.append("its prefix's libraries (setting mongrel2)")
     # A GLIBC_TUNABLES where the file is written is the user's own tuning: the file then
     # sets none, and mongrel2 gets circusd's environment as it is (copy_env).
     if "GLIBC_TUNABLES" not in os.environ:
-        sections.append(_env_section(
-            "mongrel2", "mongrel2's malloc tuned like the Python processes' "
-            "(circus_wsgi.memory): large bodies reuse memory.",
-            {"GLIBC_TUNABLES": glibc_tunables()}))
+        mongrel2_env["GLIBC_TUNABLES"] = glibc_tunables()
+        why.append("malloc tuned like the Python processes' (circus_wsgi.memory): large "
+                   "bodies reuse memory")
+    if mongrel2_env:
+        sections.append(_env_section("mongrel2", "mongrel2's environment: " + "; ".join(why)
+                                     + ".", mongrel2_env))
     env = dict(settings.env)  # a name given twice: the last value wins, as in os.environ
     if env:
         sections.append(_env_section(
@@ -273,14 +282,15 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     _check_settings_text(settings)
     _check_virtualenv(settings)
     run = RunDir(Path(settings.run_dir))
+    binary = locate(settings.mongrel2)
     sections = [_circus_section(settings, run), _stats_section(settings, run),
-                _mongrel2_section(settings, mongrel2_db)]
+                _mongrel2_section(settings, mongrel2_db, binary)]
     if settings.mode == "dispatcher":
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
     if settings.metrics:
         sections.append(_metrics_section(settings, run))
-    sections += _env_sections(settings)
+    sections += _env_sections(settings, binary)
     sections.append(_flapping_section(settings))
     if settings.autoscaling:
         sections.append(_autoscale_section(settings))

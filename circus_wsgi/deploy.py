@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .circusconf import circus_ini
 from .mongrel2 import write_mongrel2_config
+from .mongrel2_binary import usable_mongrel2
 from .rundir import RunDir
 from .settings import Settings
 
@@ -35,8 +36,10 @@ def write_configs(settings: Settings, directory: str | os.PathLike[str]) -> dict
     missing) and create the run directory (mode 0700); return the files' paths by name:
     ``{"config.sqlite": ..., "mongrel2.conf": ..., "circus.ini": ...}``.
 
-    circus.ini is made first, so a setting it cannot hold stops before any file is written.
+    The mongrel2 binary is run once first, and circus.ini made next, so a binary that
+    cannot run or a setting circus.ini cannot hold stops before any file is written.
     """
+    usable_mongrel2(settings.mongrel2)
     directory = Path(os.path.abspath(directory))
     resolved = resolve_for(settings, directory)
     ini_path = directory / "circus.ini"

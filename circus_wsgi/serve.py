@@ -1,7 +1,7 @@
 """``circus-wsgi serve APP``: the whole stack in the foreground, from one command.
 
-It checks what would make the stack fail before starting anything (mongrel2 is
-installed, the port is free, the app imports as a worker would import it, the
+It checks what would make the stack fail before starting anything (the mongrel2
+binary runs, the port is free, the app imports as a worker would import it, the
 run dir is private and writable), writes the configuration into the run dir,
 runs circusd on it and says where it serves and how to steer it once a worker
 is ready. A watcher that circus stops while the stack starts (a crash loop
@@ -43,6 +43,7 @@ from .deploy import write_configs
 from .exits import EXIT_OK, EXIT_USAGE
 from .flapping import describe
 from .lifeline import die_with_parent
+from .mongrel2_binary import usable_mongrel2
 from .rundir import RunDir
 from .settings import Settings, SettingsError
 from .status import read_status
@@ -98,12 +99,6 @@ def check_app(settings: Settings) -> None:
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
         raise ServeError(lines[-1])
-
-
-def check_mongrel2() -> None:
-    if shutil.which("mongrel2") is None:
-        raise ServeError("mongrel2 is not installed: apt-get install mongrel2-core "
-                         "(or run make serve, which installs it)")
 
 
 def check_port(bind: str, what: str = "") -> None:
@@ -404,7 +399,7 @@ def _announce(settings: Settings) -> None:
 def preflight(settings: Settings) -> tuple[Settings, bool]:
     """Every check that needs nothing running; the settings with their run dir, and
     True when serve created it."""
-    check_mongrel2()
+    usable_mongrel2(settings.mongrel2)
     check_port(settings.bind)
     if settings.metrics:
         check_port(settings.metrics, " (metrics)")

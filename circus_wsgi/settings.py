@@ -308,6 +308,12 @@ SETTINGS: tuple[Setting, ...] = (
        "Private directory (mode 0700) for sockets, pid files, logs and uploads. Default: "
        "a fresh directory under /tmp for serve, OUT/run for config. Keep it short: "
        f"socket paths are limited: at most {RUN_DIR_MAX} bytes.", "DIR"),
+    _S("mongrel2", "server", "", _text,
+       "The mongrel2 binary: a path, or a command looked up on PATH. Default: the one make "
+       "deps unpacked into this environment (.venv/mongrel2/usr/bin/mongrel2, where the "
+       "system has no mongrel2-core package) if present, else mongrel2 on PATH. A binary in "
+       "a prefix of its own runs with that prefix's lib directories as LD_LIBRARY_PATH.",
+       "PATH"),
     _S("endpoint", "server", "", _endpoint,
        "circusd's control endpoint (what circusctl talks to). Default: an ipc socket in "
        "run_dir. A tcp:// endpoint lets anyone on the host control the stack.", "ENDPOINT"),

@@ -5,6 +5,8 @@
 - :func:`wait_for`, :func:`wait_for_port`: wait for a condition, with a deadline.
 - :class:`Process`: a child whose output goes to a file, stopped with SIGTERM,
   then SIGKILL after a deadline.
+- :func:`m2sh`: mongrel2's m2sh, of the same installation as the mongrel2 the
+  tests run (the ``mongrel2`` setting's default), with the environment it needs.
 - :class:`Stack`: mongrel2 from :class:`Settings` on a free port, the
   dispatcher (``mode='dispatcher'``) and N workers, in a private run dir that
   is deleted afterwards. A context manager: every process it starts is stopped.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from circus_wsgi.mongrel2 import write_mongrel2_config
+from circus_wsgi.mongrel2_binary import locate
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings
 
@@ -157,6 +160,19 @@ def stop_circusd(circusd: subprocess.Popen, deadline: float = 30.0) -> None:
         circusd.wait()
 
 
+def m2sh(*args: str) -> subprocess.CompletedProcess:
+    """Run m2sh (beside the default mongrel2, else on PATH) with ``args``; its output as text.
+    m2sh warns without LOGNAME, so it gets one."""
+    binary = locate("")
+    program = binary.tool("m2sh")
+    if program is None:
+        raise AssertionError(f"no m2sh beside {binary.path} nor on PATH: run `make test`, "
+                             "which installs mongrel2-core")
+    env = {**binary.env(), "LOGNAME": os.environ.get("LOGNAME", "circus-wsgi")}
+    return subprocess.run([program, *args], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
 def python_env() -> dict:
     """The environment for Python children: the project importable, output unbuffered."""
     env = dict(os.environ)
@@ -224,8 +240,9 @@ class Stack:
                                      **options).with_defaults_resolved(str(self.path))
             RunDir(self.path).create()
             config, _ = write_mongrel2_config(self.settings, self.path)
-            self.mongrel2 = Process(["mongrel2", str(config), self.settings.server_uuid],
-                                    self.path / "mongrel2.log", cwd="/")
+            binary = locate(self.settings.mongrel2)
+            self.mongrel2 = Process([binary.path, str(config), self.settings.server_uuid],
+                                    self.path / "mongrel2.log", cwd="/", env=binary.env())
             try:
                 wait_for(lambda: port_open(port) or not self.mongrel2.alive(), 10, 0.02,
                          "mongrel2 to listen")

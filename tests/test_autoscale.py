@@ -3,9 +3,6 @@ on the real stack: a load step scales the workers up and back down."""
 
 from __future__ import annotations
 
-import http.client
-import threading
-import time
 
 from circus_wsgi.autoscale import COOLDOWN, START_TIMEOUT, UP_AFTER, Reading, Scaler
 

@@ -17,6 +17,7 @@ from circus_wsgi import cli
 from circus_wsgi.circusconf import (
     CHECK_DELAY, FLAPPING_PLUGIN, MONGREL2_GRACEFUL_TIMEOUT, STOP_MARGIN, circus_ini)
 from circus_wsgi.memory import glibc_tunables
+from circus_wsgi.mongrel2_binary import locate
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings, SettingsError
 
@@ -93,13 +94,29 @@ def test_watchers_and_plugin(run_dir: Path, settings: Settings) -> None:
 def test_mongrel2_watcher(run_dir: Path, settings: Settings) -> None:
     mongrel2 = watchers(load(run_dir, settings))["mongrel2"]
     assert shlex.split(mongrel2["cmd"]) == [
-        sys.executable, "-m", "circus_wsgi.lifeline", "mongrel2",
+        sys.executable, "-m", "circus_wsgi.lifeline", locate("").path,
         str(run_dir / "config.sqlite"), settings.server_uuid]
     assert mongrel2["working_dir"] == "/"
     assert mongrel2["singleton"] is True and mongrel2["numprocesses"] == 1
     assert mongrel2["graceful_timeout"] == MONGREL2_GRACEFUL_TIMEOUT
     assert mongrel2["stdout_stream"] == mongrel2["stderr_stream"] == {
         "class": "circus_wsgi.logstream.PrefixedStream", "prefix": "mongrel2"}
+
+
+def test_a_mongrel2_in_a_prefix_runs_with_the_prefix_libraries(
+        run_dir: Path, settings: Settings, tmp_path: Path) -> None:
+    binary = tmp_path / "m2" / "usr" / "bin" / "mongrel2"
+    libraries = tmp_path / "m2" / "usr" / "lib" / "x86_64-linux-gnu"
+    for path in (binary, libraries / "libmbedtls.so.14"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o755)
+    found = watchers(load(run_dir, settings.replace(mongrel2=str(binary))))
+    assert shlex.split(found["mongrel2"]["cmd"])[3] == str(binary)
+    assert found["mongrel2"]["env"]["LD_LIBRARY_PATH"] == str(libraries)
+    assert "LD_LIBRARY_PATH" not in found["workers"]["env"]
+    (libraries / "libmbedtls.so.14").unlink()  # a prefix without libraries: none added
+    assert "LD_LIBRARY_PATH" not in watchers(load(
+        run_dir, settings.replace(mongrel2=str(binary))))["mongrel2"]["env"]
 
 
 def test_only_mongrel2_gets_the_malloc_tuning(run_dir: Path, settings: Settings,
@@ -114,7 +131,7 @@ def test_only_mongrel2_gets_the_malloc_tuning(run_dir: Path, settings: Settings,
 def test_a_glibc_tunables_of_the_users_is_left_to_mongrel2(
         run_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    assert "[env:mongrel2]" not in circus_ini(settings, run_dir / "config.sqlite")
+    assert "GLIBC_TUNABLES" not in circus_ini(settings, run_dir / "config.sqlite")
     mongrel2 = watchers(load(run_dir, settings))["mongrel2"]
     assert mongrel2["env"]["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
 

@@ -3,7 +3,6 @@ m2sh and circus read back as the Settings said."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import stat
 import subprocess
@@ -17,12 +16,12 @@ from circus.config import get_config
 
 from circus_wsgi import Settings, write_configs
 from circus_wsgi.deploy import resolve_for
+from harness import m2sh
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "examples" / "static"
 CIRCUS_WSGI = Path(sys.executable).with_name("circus-wsgi")
 FILES = ("config.sqlite", "mongrel2.conf", "circus.ini")
-M2SH_ENV = {**os.environ, "LOGNAME": os.environ.get("LOGNAME", "circus-wsgi")}
 FLAGS = ["--static", "/static=examples/static", "--mounts", "/api=examples.hello:app",
          "--bind", "127.0.0.1:8123", "--workers", "3"]
 
@@ -32,10 +31,9 @@ def workers_watcher(circus_ini: Path) -> dict:
     return {w["name"]: w for w in get_config(str(circus_ini))["watchers"]}["workers"]
 
 
-def m2sh(*args: str) -> list[str]:
+def m2sh_lines(*args: str) -> list[str]:
     """The lines m2sh prints below its title and rule."""
-    result = subprocess.run(["m2sh", *args], env=M2SH_ENV, capture_output=True, text=True,
-                            timeout=30)
+    result = m2sh(*args)
     assert "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert set(lines[1]) == {"-"}, result.stdout
@@ -75,9 +73,9 @@ def test_run_dir_is_private_and_circus_ini_is_not_readable_by_others(
 def test_m2sh_lists_what_the_settings_said(written: tuple[Path, str, Settings]) -> None:
     out, _, settings = written
     db = str(out / "config.sqlite")
-    assert m2sh("servers", "-db", db) == [f"circus-wsgi localhost {settings.server_uuid}"]
-    assert m2sh("hosts", "-db", db, "-server", "circus-wsgi") == ["1 localhost"]
-    assert sorted(m2sh("routes", "-db", db, "-server", "circus-wsgi", "-host",
+    assert m2sh_lines("servers", "-db", db) == [f"circus-wsgi localhost {settings.server_uuid}"]
+    assert m2sh_lines("hosts", "-db", db, "-server", "circus-wsgi") == ["1 localhost"]
+    assert sorted(m2sh_lines("routes", "-db", db, "-server", "circus-wsgi", "-host",
                        "localhost")) == ["/", "/api", "/static/"]
 
 

@@ -8,10 +8,7 @@ even when it refuses a file, so its output and result are checked instead.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sqlite3
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -22,9 +19,9 @@ from circus_wsgi.mongrel2 import (
     MIMETYPES, Directory, directory_base, mongrel2_config, render_conf, write_mongrel2_config)
 from circus_wsgi.rundir import RunDir
 from circus_wsgi.settings import Settings
+from harness import m2sh
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-M2SH_ENV = {**os.environ, "LOGNAME": os.environ.get("LOGNAME", "circus-wsgi")}
 
 
 def resolved(tmp: Path, **values: object) -> Settings:
@@ -32,10 +29,7 @@ def resolved(tmp: Path, **values: object) -> Settings:
 
 
 def m2sh_load(conf: Path, db: Path) -> None:
-    if shutil.which("m2sh") is None:
-        pytest.fail("m2sh is not installed: run `make test`, which installs mongrel2-core")
-    result = subprocess.run(["m2sh", "load", "-config", str(conf), "-db", str(db)],
-                            env=M2SH_ENV, capture_output=True, text=True, timeout=30)
+    result = m2sh("load", "-config", str(conf), "-db", str(db))
     assert "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr
 
 

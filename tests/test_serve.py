@@ -36,6 +36,7 @@ import psutil
 import pytest
 
 from circus_wsgi.memory import glibc_tunables
+from circus_wsgi.mongrel2_binary import Mongrel2Binary, locate
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
 from harness import TESTS_DIR, HTTPClient, Process, Reply, free_port, python_env, wait_for
@@ -276,9 +277,19 @@ def test_a_busy_port_stops_serve_with_one_line(directory: Path) -> None:
 
 
 def test_a_missing_mongrel2_stops_serve_with_one_line(directory: Path) -> None:
-    assert shutil.which("mongrel2", path=str(BIN)) is None
-    result = preflight(directory, APP, "--chdir", str(TESTS_DIR), env={"PATH": str(BIN)})
-    assert "mongrel2 is not installed" in result.stderr
+    missing = directory / "bin" / "mongrel2"
+    result = preflight(directory, APP, "--chdir", str(TESTS_DIR), "--mongrel2", str(missing))
+    assert result.stderr.startswith(f"circus-wsgi: error: setting 'mongrel2': {missing} does "
+                                    "not exist: install Debian's mongrel2-core")
+
+
+def test_a_mongrel2_that_cannot_run_stops_serve_with_one_line(directory: Path) -> None:
+    broken = directory / "mongrel2"
+    broken.write_text("not a program")
+    broken.chmod(0o755)
+    result = preflight(directory, APP, "--chdir", str(TESTS_DIR), "--mongrel2", str(broken))
+    assert result.stderr.startswith(f"circus-wsgi: error: setting 'mongrel2': cannot run "
+                                    f"{broken}: Exec format error: install Debian's ")
 
 
 def test_a_run_dir_that_cannot_be_made_stops_serve_with_one_line(directory: Path) -> None:
@@ -350,6 +361,32 @@ def test_circusctl_lists_the_watchers_and_their_processes(served: Serve) -> None
     workers = served.pids("workers")
     assert len(workers) == 2
     assert all("worker" in psutil.Process(pid).cmdline() for pid in workers)
+
+
+def mapped_files(pid: int) -> set[str]:
+    """The files (shared libraries) mapped into process ``pid``."""
+    return {m.path for m in psutil.Process(pid).memory_maps(grouped=True)}
+
+
+def test_mongrel2_is_the_binary_the_setting_names_by_default(served: Serve) -> None:
+    # Debian 12: the system's /usr/bin/mongrel2; Debian 13: the one make deps unpacked
+    # into .venv/mongrel2, with that prefix's mbedTLS
+    binary = locate("")
+    [mongrel2] = served.pids("mongrel2")
+    assert psutil.Process(mongrel2).exe() == os.path.realpath(binary.path)
+    libraries = mapped_files(mongrel2)
+    for directory in binary.library_path:
+        assert any(library.startswith(directory + "/") for library in libraries), libraries
+
+
+def test_serve_runs_the_mongrel2_the_setting_names_with_its_library_path(
+        mongrel2_prefix: Mongrel2Binary) -> None:
+    [library_dir] = mongrel2_prefix.library_path
+    with serving("--mongrel2", mongrel2_prefix.path, "--workers", "1") as stack:
+        assert stack.get("/").status == 200
+        [mongrel2] = stack.pids("mongrel2")
+        assert psutil.Process(mongrel2).exe() == os.path.realpath(mongrel2_prefix.path)
+        assert os.path.realpath(f"{library_dir}/libmbedtls.so.14") in mapped_files(mongrel2)
 
 
 def test_mongrel2_runs_with_the_malloc_tuning(served: Serve) -> None:
