@@ -4,7 +4,8 @@ This module owns the circus side of a deployment: circusd's own endpoints (ipc
 sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-stats
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
 ``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
-and of mongrel2 (glibc malloc tuning, :mod:`.memory`), and the flapping plugin.
+and of mongrel2 (glibc malloc tuning, :mod:`.memory`), the flapping plugin, and
+the user every process but circusd runs as (:mod:`.privileges`).
 
 circus reads the file with its own parser, which differs from Python's
 configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
@@ -22,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import privileges
 from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
 from .rundir import RunDir
@@ -101,6 +103,12 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+def _run_as(settings: Settings) -> dict[str, str]:
+    """The watcher options that make circus start its processes as the stack's user."""
+    who = privileges.identity(settings)
+    return {"uid": who.user, "gid": who.group} if who else {}
+
+
 def _circus_section(settings: Settings, run: RunDir) -> Section:
     if settings.endpoint:
         endpoint = _raw("endpoint", settings.endpoint, settings.endpoint)
@@ -120,9 +128,16 @@ def _circus_section(settings: Settings, run: RunDir) -> Section:
 
 
 def _mongrel2_section(settings: Settings, mongrel2_db: Path) -> Section:
-    argv = _python("circus_wsgi.lifeline", "mongrel2", str(mongrel2_db), settings.server_uuid)
-    return ("watcher:mongrel2", "The HTTP server, run through lifeline so it dies with "
-            "circusd. SIGHUP does not reload it: restart it for a new config.sqlite.", {
+    program = ["mongrel2", str(mongrel2_db), settings.server_uuid]
+    who = privileges.identity(settings)
+    if who is None:
+        argv = _python("circus_wsgi.lifeline", *program)
+        how = "run through lifeline so it dies with circusd"
+    else:
+        argv = privileges.mongrel2_argv(program, who, int(settings.bind.rpartition(":")[2]))
+        how = f"run as {who.user} through setpriv, which also makes it die with circusd"
+    return ("watcher:mongrel2", f"The HTTP server, {how}. SIGHUP does not reload it: "
+            "restart it for a new config.sqlite.", {
                 "cmd": _command(argv),
                 "working_dir": MONGREL2_WORKING_DIR,
                 "singleton": "True",
@@ -145,12 +160,16 @@ def _stats_section(settings: Settings, run: RunDir) -> Section:
                    "from circus import stats; stats.main()", "--endpoint", endpoint,
                    "--pubsub", run.circus_pubsub, "--statspoint", run.circus_stats,
                    "--log-level", "info")
+    run_as = _run_as(settings)
+    if run_as:  # it starts first (priority): circusd's sockets become the user's
+        run_as["hooks.before_start"] = privileges.HOOK
     return ("watcher:circusd-stats", "Per-process CPU and memory for circus-top.", {
         "cmd": _command(argv),
         "singleton": "True",
         "numprocesses": "1",
         "priority": "4",
         "copy_env": "True",
+        **run_as,
         **_streams("circusd-stats"),
     })
 
@@ -165,6 +184,7 @@ def _dispatcher_section(settings: Settings) -> Section:
                 "priority": "2",
                 "graceful_timeout": _number(settings.graceful_timeout + STOP_MARGIN),
                 "copy_env": "True",
+                **_run_as(settings),
                 **_streams("dispatcher"),
             })
 
@@ -177,6 +197,7 @@ def _workers_section(settings: Settings) -> Section:
         "priority": "1",
         "graceful_timeout": _number(settings.graceful_timeout + STOP_MARGIN),
         "copy_env": "True",
+        **_run_as(settings),
     }
     if settings.virtualenv:
         options["virtualenv"] = _raw("virtualenv", settings.virtualenv, settings.virtualenv)
@@ -216,6 +237,7 @@ def _flapping_section(settings: Settings) -> Section:
         "window": _number(settings.flapping_window),
         "retry_in": _number(settings.flapping_retry_in),
         "max_retry": str(settings.flapping_max_retry),
+        **_run_as(settings),
     })
 
 

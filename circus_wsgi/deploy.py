@@ -2,9 +2,11 @@
 
 This module owns :func:`write_configs`, behind ``Settings(...).write(directory)``
 and ``circus-wsgi config --out DIR``: it fills the defaults that depend on the
-directory, creates the private run directory, and writes ``config.sqlite`` and
-``mongrel2.conf`` (:mod:`.mongrel2`) and ``circus.ini`` (:mod:`.circusconf`).
-Then ``circusd DIR/circus.ini`` runs the stack.
+directory, creates the private run directory (the stack's user's, see
+:mod:`.privileges`), puts the TLS certificate and key where mongrel2 reads them
+(:mod:`.tls`), and writes ``config.sqlite`` and ``mongrel2.conf``
+(:mod:`.mongrel2`) and ``circus.ini`` (:mod:`.circusconf`). Then
+``circusd DIR/circus.ini`` runs the stack.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import privileges, tls
 from .circusconf import circus_ini
 from .mongrel2 import write_mongrel2_config
 from .rundir import RunDir
@@ -34,14 +37,21 @@ def write_configs(settings: Settings, directory: Path) -> dict[str, Path]:
     """Write config.sqlite, mongrel2.conf and circus.ini into ``directory`` (created if
     missing) and create the run directory (mode 0700); return the files' paths by name.
 
-    circus.ini is made first, so a setting it cannot hold stops before any file is written.
+    circus.ini is made first and the TLS files checked, so a setting that cannot work
+    stops before any file is written.
     """
     directory = Path(os.path.abspath(directory))
     resolved = resolve_for(settings, directory)
     ini_path = directory / "circus.ini"
     ini_text = circus_ini(resolved, directory / "config.sqlite")
+    privileges.check_switch(resolved)
+    tls.check(resolved)
+    who = privileges.identity(resolved)
+    owner = who.owner if who else None
     directory.mkdir(parents=True, exist_ok=True)
-    RunDir(Path(resolved.run_dir)).create()
+    run = RunDir(Path(resolved.run_dir)).create(owner)
+    if resolved.certfile:
+        tls.install(resolved, run, owner)
     sqlite_path, conf_path = write_mongrel2_config(resolved, directory)
     ini_path.touch(mode=0o600)
     ini_path.chmod(0o600)  # before writing: it may hold secrets in the workers' environment

@@ -13,8 +13,10 @@ line naming the setting, the value and what is allowed.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import runpy
 import uuid
@@ -26,6 +28,14 @@ __all__ = ["Setting", "Settings", "SettingsError", "SETTINGS"]
 
 #: Longest path a Unix socket address may have (sun_path is 108 bytes with its NUL).
 IPC_PATH_MAX = 107
+#: The cipher suites mongrel2 offers by default (setting ciphers), in mbedTLS's names:
+#: forward-secret (ECDHE) and AEAD only, which are TLS 1.2's alone. mbedTLS 2.28 offers
+#: TLS 1.0 to 1.2 and every suite it has unless told; mongrel2 has no setting for the
+#: protocol version, so the suites are what refuses TLS 1.0 and 1.1 (docs/deployment.rst).
+DEFAULT_CIPHERS = " ".join(
+    f"TLS-ECDHE-{key}-WITH-{cipher}" for cipher in (
+        "AES-128-GCM-SHA256", "AES-256-GCM-SHA384", "CHACHA20-POLY1305-SHA256")
+    for key in ("ECDSA", "RSA"))
 
 
 class SettingsError(ValueError):
@@ -237,6 +247,84 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return convert
 
 
+# Converters of the security settings: HTTPS, privileges, trusted proxies
+
+
+def _file_path(value: Any) -> str:
+    """A file's absolute path; whether it can be read is checked before the stack starts
+    (workers, which may not read it, convert the same value)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a path")
+    return os.path.abspath(value) if value else ""
+
+
+_file_path.kind = "file"  # type: ignore[attr-defined]
+
+
+def _cipher_suites(value: Any) -> str:
+    """Cipher suite names as mongrel2 reads them: mbedTLS's, separated by one space."""
+    names = value.replace(",", " ").split() if isinstance(value, str) else value
+    try:
+        suites = [name.strip().upper().replace("_", "-") for name in names]
+    except (TypeError, AttributeError):
+        raise ValueError("must be cipher suite names separated by spaces") from None
+    if not suites or not all(re.fullmatch(r"TLS-[A-Z0-9-]+-WITH-[A-Z0-9-]+", s) for s in suites):
+        raise ValueError("must be TLS 1.2 cipher suite names (IANA's or mbedTLS's, such as "
+                         "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256) separated by spaces")
+    return " ".join(suites)
+
+
+_cipher_suites.kind = "cipher suites"  # type: ignore[attr-defined]
+
+
+def _user(value: Any) -> str:
+    """A user of this machine, by name or uid; kept as its name."""
+    if value in ("", None):
+        return ""
+    try:
+        entry = pwd.getpwuid(int(value)) if str(value).isdigit() else pwd.getpwnam(str(value))
+    except (KeyError, OverflowError):
+        raise ValueError("no such user on this machine") from None
+    return entry.pw_name
+
+
+_user.kind = "user name or uid"  # type: ignore[attr-defined]
+
+
+def _group(value: Any) -> str:
+    """A group of this machine, by name or gid; kept as its name."""
+    if value in ("", None):
+        return ""
+    try:
+        entry = grp.getgrgid(int(value)) if str(value).isdigit() else grp.getgrnam(str(value))
+    except (KeyError, OverflowError):
+        raise ValueError("no such group on this machine") from None
+    return entry.gr_name
+
+
+_group.kind = "group name or gid"  # type: ignore[attr-defined]
+
+
+def _address_list(value: Any) -> str:
+    """Addresses and networks (or ``*``), as gunicorn's forwarded_allow_ips: "a,b,c"."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        addresses = [str(item).strip() for item in items]
+    except TypeError:
+        raise ValueError("must be IP addresses or networks separated by commas, or *") from None
+    for address in filter(None, addresses):
+        if address != "*":
+            try:
+                ipaddress.ip_network(address)
+            except ValueError:
+                raise ValueError(f"{address!r} is not an IP address or network (such as "
+                                 "10.0.0.0/8); separate them by commas, or give *") from None
+    return ",".join(filter(None, addresses))
+
+
+_address_list.kind = "addresses"  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------
 
 
@@ -362,6 +450,29 @@ SETTINGS: tuple[Setting, ...] = (
        "Seconds to wait before starting a stopped watcher again.", "S"),
     _S("flapping_max_retry", "flapping", 2, _integer(0),
        "Restarts tried after a crash loop before the watcher stays stopped.", "N"),
+    # -- security: HTTPS, privileges, trusted proxies (gunicorn's names)
+    _S("certfile", "security", "", _file_path,
+       "HTTPS: the certificate mongrel2 serves on bind (PEM: the server's certificate, then "
+       "its chain). With keyfile, bind speaks TLS 1.2 only: mongrel2's mbedTLS 2.28 has no "
+       "TLS 1.3.", "FILE"),
+    _S("keyfile", "security", "", _file_path,
+       "HTTPS: the private key of certfile (PEM, without a passphrase).", "FILE"),
+    _S("ciphers", "security", DEFAULT_CIPHERS, _cipher_suites,
+       "HTTPS: the cipher suites mongrel2 offers, most preferred first, by IANA or mbedTLS "
+       "name. The default has only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305, "
+       "which TLS 1.0 and 1.1 cannot use: those handshakes are refused.", "SUITES"),
+    _S("user", "security", "", _user,
+       "Run every process of the stack but circusd as this user: mongrel2 (which keeps only "
+       "the right to bind a port under 1024), the dispatcher, the workers and circus's "
+       "helpers. run_dir is made theirs. Needs root. Default: the user who starts it.",
+       "USER"),
+    _S("group", "security", "", _group,
+       "The group of those processes, with user. Default: the user's primary group.",
+       "GROUP"),
+    _S("forwarded_allow_ips", "security", "127.0.0.1,::1", _address_list,
+       "Proxies (addresses or networks, comma-separated; * for any) whose X-Forwarded-For, "
+       "X-Forwarded-Proto and Forwarded headers set REMOTE_ADDR and wsgi.url_scheme. From any "
+       "other peer those headers reach the app unchanged but change nothing.", "ADDRESSES"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -400,6 +511,7 @@ class Settings:
                 if route in routes:
                     raise SettingsError(name, prefix, "another route has this URL prefix")
                 routes.add(route)
+        _check_security(self._values)
         if self.run_dir:
             longest = os.path.join(self.run_dir, "dispatcher.sock")
             if len(longest.encode()) > IPC_PATH_MAX - 8:
@@ -490,6 +602,15 @@ class Settings:
         from .deploy import write_configs  # the generators import Settings
 
         return write_configs(self, Path(directory))
+
+
+def _check_security(values: dict[str, Any]) -> None:
+    """HTTPS needs both files; a group is the group of a user."""
+    if bool(values["certfile"]) != bool(values["keyfile"]):
+        given, missing = ("certfile", "keyfile") if values["certfile"] else ("keyfile", "certfile")
+        raise SettingsError(given, values[given], f"HTTPS needs {missing} too")
+    if values["group"] and not values["user"]:
+        raise SettingsError("group", values["group"], "needs user too")
 
 
 def _render(value: Any) -> str:

@@ -206,6 +206,9 @@ EVERY_SETTING = {
     "access_log_format": "-%(h)s \"%(r)s\" 'q'", "log_level": "debug",
     "flapping_attempts": 5, "flapping_window": 2.5, "flapping_retry_in": 0,
     "flapping_max_retry": 0,
+    "certfile": "/etc/ssl/site.pem", "keyfile": "/etc/ssl/site.key",
+    "ciphers": "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256", "user": "nobody", "group": "nogroup",
+    "forwarded_allow_ips": "10.0.0.0/8,*",
 }
 
 
