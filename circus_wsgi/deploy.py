@@ -50,6 +50,7 @@ def write_configs(settings: Settings, directory: Path) -> dict[str, Path]:
     owner = who.owner if who else None
     directory.mkdir(parents=True, exist_ok=True)
     run = RunDir(Path(resolved.run_dir)).create(owner)
+    privileges.check_reachable(who, directory)
     if resolved.certfile:
         tls.install(resolved, run, owner)
     sqlite_path, conf_path = write_mongrel2_config(resolved, directory)

@@ -24,8 +24,10 @@ import grp
 import os
 import pwd
 import stat
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from .lifeline import die_with_parent
@@ -66,6 +68,20 @@ def check_switch(settings: Settings) -> None:
     if who is not None and os.geteuid() not in (0, who.uid):
         raise SettingsError("user", settings.user,
                             "only root can run the stack as another user")
+
+
+def as_user(who: Identity) -> dict[str, Any]:
+    """subprocess.run's arguments that run a child as ``who``, with the user's groups."""
+    return dict(user=who.uid, group=who.gid, extra_groups=os.getgrouplist(who.user, who.gid))
+
+
+def check_reachable(who: Optional[Identity], directory: Path) -> None:
+    """The user can enter ``directory``, or the setting user is refused."""
+    if who is None:
+        return
+    if subprocess.run(["test", "-x", str(directory)], timeout=30, **as_user(who)).returncode:
+        raise SettingsError("user", who.user, f"cannot reach {directory}: every directory "
+                            f"above it must let {who.user} through")
 
 
 def mongrel2_argv(argv: list[str], who: Identity, port: int) -> list[str]:

@@ -99,8 +99,7 @@ def check_app(settings: Settings) -> None:
     args = json.dumps([settings.chdir, settings.virtualenv, dict(settings.env), settings.app,
                        list(settings.mounts), settings.access_log])
     who = privileges.identity(settings)
-    as_user = {} if who is None else dict(
-        user=who.uid, group=who.gid, extra_groups=os.getgrouplist(who.user, who.gid))
+    as_user = {} if who is None else privileges.as_user(who)
     try:
         result = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, args],
                                 capture_output=True, text=True, timeout=IMPORT_TIMEOUT,
@@ -163,6 +162,7 @@ def prepare_run_dir(settings: Settings) -> tuple[Settings, bool]:
         probe.unlink()
     except OSError as error:
         raise ServeError(f"run dir {path} is not writable: {error.strerror}") from None
+    privileges.check_reachable(who, path)
     return settings, False
 
 
