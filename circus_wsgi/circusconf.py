@@ -23,6 +23,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from circus.plugins import get_plugin_cmd
+
 from . import privileges
 from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
@@ -38,6 +40,8 @@ MONGREL2_GRACEFUL_TIMEOUT = 5.0
 STOP_MARGIN = 2.0
 #: The flapping plugin circus.ini loads: a fixed subclass of circus's own.
 FLAPPING_PLUGIN = "circus_wsgi.flapping.Flapping"
+#: circus's log level for each log_level of the stack (circus's DEBUG logs every command).
+CIRCUS_LOG_LEVELS = {"debug": "info", "info": "warning", "warning": "warning", "error": "error"}
 
 #: What circus substitutes in a value, and how its parser ends a value early.
 _CIRCUS_VARIABLE = re.compile(r"\$\(circus\.[\w.-]+\)|\(\(circus\.[\w.-]+\)\)", re.I)
@@ -90,13 +94,22 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
 
-def _streams(prefix: str) -> dict[str, str]:
-    """Send a watcher's stdout and stderr to circusd's output, each line prefixed."""
+def _streams(prefix: str, kind: str = "PrefixedStream", **extra: str) -> dict[str, str]:
+    """Send a watcher's stdout and stderr to circusd's output, each line prefixed
+    (by a :mod:`.logstream` class ``kind``, with the stream options ``extra``)."""
     options = {}
     for stream in ("stdout_stream", "stderr_stream"):
-        options[f"{stream}.class"] = "circus_wsgi.logstream.PrefixedStream"
+        options[f"{stream}.class"] = f"circus_wsgi.logstream.{kind}"
         options[f"{stream}.prefix"] = prefix
+        options.update({f"{stream}.{key}": value for key, value in extra.items()})
     return options
+
+
+def _circus_log_level(settings: Settings) -> str:
+    """The level of circus's own processes (circusd, circusd-stats, the plugin): one step
+    quieter than the stack's, so its INFO lines (each watcher started, stopped) show at
+    log_level debug only."""
+    return CIRCUS_LOG_LEVELS[settings.log_level]
 
 
 def _python(*args: str) -> list[str]:
@@ -124,6 +137,7 @@ def _circus_section(settings: Settings, run: RunDir) -> Section:
                 "debug": "True",
                 "multicast_endpoint": "",  # no UDP discovery socket on 0.0.0.0:12027
                 "check_delay": _number(CHECK_DELAY),
+                "loglevel": _circus_log_level(settings),
             })
 
 
@@ -145,7 +159,7 @@ def _mongrel2_section(settings: Settings, mongrel2_db: Path) -> Section:
                 "priority": "3",
                 "graceful_timeout": _number(MONGREL2_GRACEFUL_TIMEOUT),
                 "copy_env": "True",
-                **_streams("mongrel2"),
+                **_streams("mongrel2", "Mongrel2Stream", level=settings.log_level),
             })
 
 
@@ -159,7 +173,7 @@ def _stats_section(settings: Settings, run: RunDir) -> Section:
     argv = _python("circus_wsgi.lifeline", sys.executable, "-c",
                    "from circus import stats; stats.main()", "--endpoint", endpoint,
                    "--pubsub", run.circus_pubsub, "--statspoint", run.circus_stats,
-                   "--log-level", "info")
+                   "--log-level", _circus_log_level(settings))
     run_as = _run_as(settings)
     if run_as:  # it starts first (priority): circusd's sockets become the user's
         run_as["hooks.before_start"] = privileges.HOOK
@@ -230,15 +244,21 @@ def _env_sections(settings: Settings) -> list[Section]:
     return sections
 
 
-def _flapping_section(settings: Settings) -> Section:
-    return ("plugin:flapping", "Stops a watcher whose processes crash in a loop.", {
+def _flapping_section(settings: Settings, run: RunDir) -> Section:
+    options = {
         "use": FLAPPING_PLUGIN,
         "attempts": str(settings.flapping_attempts),
         "window": _number(settings.flapping_window),
         "retry_in": _number(settings.flapping_retry_in),
         "max_retry": str(settings.flapping_max_retry),
-        **_run_as(settings),
-    })
+    }
+    # circus's own command for the plugin, but at our level: with ``debug`` (which gives
+    # the plugin its output) circus would run it at DEBUG.
+    endpoint = settings.endpoint or run.circus_endpoint
+    cmd = get_plugin_cmd(dict(options), endpoint, run.circus_pubsub, CHECK_DELAY, None,
+                         loglevel=_circus_log_level(settings))
+    return ("plugin:flapping", "Stops a watcher whose processes crash in a loop.", {
+        **options, "cmd": _command(shlex.split(cmd)), **_run_as(settings)})
 
 
 def _check_virtualenv(settings: Settings) -> None:
@@ -270,7 +290,7 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
     sections += _env_sections(settings)
-    sections.append(_flapping_section(settings))
+    sections.append(_flapping_section(settings, run))
     return sections
 
 

@@ -38,7 +38,8 @@ import pytest
 from circus_wsgi.memory import glibc_tunables
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
-from harness import TESTS_DIR, HTTPClient, Process, Reply, free_port, python_env, wait_for
+from harness import (TESTS_DIR, HTTPClient, Process, Reply, free_port, oversized_request,
+                     python_env, wait_for)
 
 BIN = Path(sys.executable).parent
 CIRCUS_WSGI = str(BIN / "circus-wsgi")
@@ -421,7 +422,8 @@ def test_each_log_line_names_its_source(served: Serve) -> None:
     assert int(access.search(served.output()).group(1)) in served.pids("workers")
     [mongrel2] = served.pids("mongrel2")
     [dispatcher] = served.pids("dispatcher")
-    assert served.lines(f"mongrel2.{mongrel2} | ")
+    oversized_request(served.port)  # mongrel2 writes only warnings and errors at this level
+    wait_for(lambda: served.lines(f"mongrel2.{mongrel2} | "), 10, 0.05, "mongrel2's error")
     assert served.lines(f"dispatcher.{dispatcher} | ")
     for pid in served.pids("workers"):
         assert served.lines(f"workers.{pid} | ")
