@@ -2,10 +2,11 @@
 read, and the test applications.
 
 The tests' own interpreter may live where no other user can reach it (a pyenv under
-/root, 0700), so :func:`runtime` builds one under /tmp, readable by all: a virtualenv of
-the system's Python of the same version (``--without-pip``) holding copies of
-circus_wsgi and of the packages the stack's processes import, and a copy of
-tests/serve_apps.py. It is deleted afterwards.
+/root, 0700), so :func:`runtime` builds one under /tmp, readable by all, laid out as a
+deployment is (``ROOT/venv``, ``ROOT/src``): a virtualenv of the system's Python of the
+same version (``--without-pip``) holding copies of circus_wsgi and of the packages the
+stack's processes import, with the commands circus-wsgi, circusd and circusctl as pip
+would write them, and a copy of tests/serve_apps.py in ``src``. It is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ PACKAGES = ("circus", "circus-*.dist-info", "zmq", "pyzmq.libs", "pyzmq-*.dist-i
             "tnetstring3-*.dist-info")
 
 
+#: The commands pip would install, and what they run.
+COMMANDS = {"circus-wsgi": "circus_wsgi.cli", "circusd": "circus.circusd",
+            "circusctl": "circus.circusctl"}
+
+
 @dataclass(frozen=True)
 class Runtime:
     python: Path  # the interpreter, as circus-wsgi's processes will see sys.executable
@@ -47,25 +53,34 @@ class Runtime:
 
 
 @contextlib.contextmanager
-def runtime() -> Iterator[Runtime]:
+def runtime(root: Path | None = None) -> Iterator[Runtime]:
+    """Build the runtime in ``root`` (default: a fresh directory, deleted afterwards)."""
     version = "python%d.%d" % sys.version_info[:2]
     system_python = shutil.which(version, path="/usr/bin:/bin")
     if system_python is None:
         raise RuntimeError(f"no system {version} for a runtime other users can read")
-    root = Path(tempfile.mkdtemp(prefix="cw-rt-", dir="/tmp"))
+    made = root is None
+    root = Path(tempfile.mkdtemp(prefix="cw-rt-", dir="/tmp")) if root is None else root
     try:
-        subprocess.run([system_python, "-m", "venv", "--without-pip", str(root / "venv")],
+        venv = root / "venv"
+        subprocess.run([system_python, "-m", "venv", "--without-pip", str(venv)],
                        check=True, capture_output=True, timeout=60)
-        site = root / "venv" / "lib" / version / "site-packages"
+        site = venv / "lib" / version / "site-packages"
         installed = Path(circus.__file__).resolve().parent.parent
         for pattern in PACKAGES:
             for entry in installed.glob(pattern):
                 shutil.copytree(entry, site / entry.name, symlinks=True)
         shutil.copytree(PROJECT_DIR / "circus_wsgi", site / "circus_wsgi",
                         ignore=shutil.ignore_patterns("__pycache__"))
-        (root / "apps").mkdir()
-        shutil.copy(TESTS_DIR / "serve_apps.py", root / "apps")
+        for name, module in COMMANDS.items():
+            script = venv / "bin" / name
+            script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\n"
+                              f"from {module} import main\nsys.exit(main())\n")
+            script.chmod(0o755)
+        (root / "src").mkdir(exist_ok=True)
+        shutil.copy(TESTS_DIR / "serve_apps.py", root / "src")
         subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True, timeout=60)
-        yield Runtime(root / "venv" / "bin" / "python", root / "apps")
+        yield Runtime(venv / "bin" / "python", root / "src")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
