@@ -5,7 +5,8 @@ sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-s
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
 ``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
 and of mongrel2 (glibc malloc tuning, :mod:`.memory`), the flapping plugin, and
-the user every process but circusd runs as (:mod:`.privileges`).
+the user every process but circusd runs as (:mod:`.privileges`), and the plain-HTTP
+port that redirects to HTTPS (:mod:`.redirect`).
 
 circus reads the file with its own parser, which differs from Python's
 configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
@@ -219,6 +220,30 @@ def _workers_section(settings: Settings) -> Section:
             "(circusctl incr/decr workers).", {**options, **_streams("workers")})
 
 
+def _redirect_sections(settings: Settings) -> list[Section]:
+    """The plain-HTTP port that redirects to HTTPS: a circus socket, bound by circusd,
+    and the process answering on it (:mod:`.redirect`)."""
+    if not settings.http_redirect:
+        return []
+    host, _, port = settings.http_redirect.rpartition(":")
+    argv = _python("circus_wsgi.redirect", "--fd", "$(circus.sockets.redirect)",
+                   "--https-port", settings.bind.rpartition(":")[2])
+    return [("socket:redirect", "The plain-HTTP port (setting http_redirect).", {
+        "host": host, "port": port, "family": "AF_INET6" if ":" in host else "AF_INET",
+        "blocking": "True"}),
+        ("watcher:http-redirect", "Answers plain HTTP with a redirect to HTTPS.", {
+            "cmd": _command(argv),
+            "use_sockets": "True",
+            "working_dir": "/",
+            "singleton": "True",
+            "numprocesses": "1",
+            "priority": "2",
+            "copy_env": "True",
+            **_run_as(settings),
+            **_streams("http-redirect"),
+        })]
+
+
 def _env_section(watcher: str, comment: str, env: dict[str, str]) -> Section:
     """``[env:WATCHER]``: ``env`` added to the watcher's environment, each value checked."""
     for name, value in env.items():
@@ -289,6 +314,7 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     if settings.mode == "dispatcher":
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
+    sections += _redirect_sections(settings)
     sections += _env_sections(settings)
     sections.append(_flapping_section(settings, run))
     return sections

@@ -394,6 +394,8 @@ def preflight(settings: Settings) -> tuple[Settings, bool]:
     privileges.check_switch(settings)
     tls.check(settings)
     check_port(settings.bind)
+    if settings.http_redirect:
+        check_port(settings.http_redirect)
     check_app(settings)
     return prepare_run_dir(settings)
 

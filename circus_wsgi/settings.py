@@ -261,6 +261,13 @@ def _file_path(value: Any) -> str:
 _file_path.kind = "file"  # type: ignore[attr-defined]
 
 
+def _optional_bind(value: Any) -> str:
+    return "" if value in ("", None) else _bind(value)
+
+
+_optional_bind.kind = "HOST:PORT"  # type: ignore[attr-defined]
+
+
 def _cipher_suites(value: Any) -> str:
     """Cipher suite names as mongrel2 reads them: mbedTLS's, separated by one space."""
     names = value.replace(",", " ").split() if isinstance(value, str) else value
@@ -461,6 +468,10 @@ SETTINGS: tuple[Setting, ...] = (
        "HTTPS: the cipher suites mongrel2 offers, most preferred first, by IANA or mbedTLS "
        "name. The default has only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305, "
        "which TLS 1.0 and 1.1 cannot use: those handshakes are refused.", "SUITES"),
+    _S("http_redirect", "security", "", _optional_bind,
+       "HTTPS: also listen for plain HTTP here and answer every request with a redirect to "
+       "the same URL on HTTPS (301, or 308 for methods other than GET and HEAD). circusd "
+       "binds it, so a port under 1024 works with user.", "HOST:PORT"),
     _S("user", "security", "", _user,
        "Run every process of the stack but circusd as this user: mongrel2 (which keeps only "
        "the right to bind a port under 1024), the dispatcher, the workers and circus's "
@@ -605,10 +616,15 @@ class Settings:
 
 
 def _check_security(values: dict[str, Any]) -> None:
-    """HTTPS needs both files; a group is the group of a user."""
+    """HTTPS needs both files, and a redirect to it HTTPS; a group is a user's."""
     if bool(values["certfile"]) != bool(values["keyfile"]):
         given, missing = ("certfile", "keyfile") if values["certfile"] else ("keyfile", "certfile")
         raise SettingsError(given, values[given], f"HTTPS needs {missing} too")
+    if values["http_redirect"] and not values["certfile"]:
+        raise SettingsError("http_redirect", values["http_redirect"],
+                            "redirects to HTTPS, which needs certfile and keyfile")
+    if values["http_redirect"] and values["http_redirect"] == values["bind"]:
+        raise SettingsError("http_redirect", values["http_redirect"], "is bind's address")
     if values["group"] and not values["user"]:
         raise SettingsError("group", values["group"], "needs user too")
 

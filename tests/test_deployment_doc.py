@@ -57,7 +57,8 @@ SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 @dataclass
 class Deployment:
     root: Path  # /srv/myapp, and every other path of the page under it
-    port: int
+    port: int  # for 443
+    redirect: int  # for 80
     ca: trustme.CA
     steps: dict[str, Block]
     circusd: subprocess.Popen | None = None
@@ -70,7 +71,9 @@ class Deployment:
                 ("/var/log/myapp", str(self.root / "log")),
                 ("/srv/myapp", str(self.root)),
                 ("0.0.0.0:443", f"127.0.0.1:{self.port}"),
+                ("0.0.0.0:80", f"127.0.0.1:{self.redirect}"),
                 ("https://example.com/", f"https://localhost:{self.port}/"),
+                ("http://example.com/", f"http://localhost:{self.redirect}/"),
                 ("myapp.wsgi:application", "serve_apps:app"),
                 ("logrotate ", f"logrotate --state {self.root / 'logrotate.state'} ")):
             text = text.replace(old, new)
@@ -144,7 +147,9 @@ def deployment() -> Iterator[Deployment]:
     root = Path(tempfile.mkdtemp(prefix="cw-srv-", dir="/tmp"))
     root.chmod(0o755)
     _remove_user()  # left by a run that was killed
-    deployed = Deployment(root, privileged_port(), trustme.CA(), named(PAGE))
+    port = privileged_port()
+    redirect = next(other for other in iter(privileged_port, None) if other != port)
+    deployed = Deployment(root, port, redirect, trustme.CA(), named(PAGE))
     try:
         deployed.ca.cert_pem.write_to_path(str(root / "ca.pem"))
         deployed.issue_certificate()
@@ -195,12 +200,14 @@ def test_every_step_is_run_or_says_why_not() -> None:
 
 
 def test_the_stack_serves_https_as_the_user(deployment: Deployment) -> None:
-    [check_head, check_status] = deployment.run("deploy-check")
+    [check_head, check_redirect, check_status] = deployment.run("deploy-check")
     assert check_head.stdout.startswith("HTTP/1.1 200"), check_head.stdout
+    assert check_redirect.stdout.startswith("HTTP/1.1 301"), check_redirect.stdout
+    assert f"Location: https://localhost:{deployment.port}/\n" in check_redirect.stdout
     assert '"idle_workers": 4' in check_status.stdout, check_status.stdout
     circusd = psutil.Process(deployment.circusd.pid)
     children = circusd.children()
-    assert circusd.uids().real == 0 and len(children) == 8  # 4 workers
+    assert circusd.uids().real == 0 and len(children) == 9  # 4 workers, the redirect
     uid = int(subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout)
     assert {child.uids().real for child in children} == {uid}
 

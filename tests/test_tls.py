@@ -17,11 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from circus_wsgi import tls
+from circus_wsgi import redirect, tls
 from circus_wsgi.mongrel2 import mongrel2_config
 from circus_wsgi.settings import DEFAULT_CIPHERS, Settings, SettingsError
 from harness import TESTS_DIR, free_port
@@ -186,10 +187,14 @@ def get(port: int, path: str, host: str = "127.0.0.1") -> Reply:
 
 @pytest.fixture(scope="module")
 def https(certs: dict) -> Iterator[Serve]:
+    """serve with HTTPS, and a plain-HTTP port that redirects to it (served.redirect)."""
     with scratch() as directory:
+        redirect = free_port()
         served = start_serve(directory, "--workers", "1", "--certfile", str(certs["cert"]),
-                             "--keyfile", str(certs["key"]), app="worker_apps:rules",
+                             "--keyfile", str(certs["key"]), "--http-redirect",
+                             f"127.0.0.1:{redirect}", app="worker_apps:rules",
                              answers=_https_answers)
+        served.redirect = redirect
         try:
             yield served
         finally:
@@ -245,3 +250,58 @@ def test_openssl_s_client_is_refused_tls_1_0(https: Serve) -> None:
                              "-tls1", "-cipher", "ALL:@SECLEVEL=0"], input="",
                             capture_output=True, text=True, timeout=20)
     assert result.returncode != 0 and "alert handshake failure" in result.stderr
+
+
+# -- the plain-HTTP port that redirects
+
+
+@pytest.mark.parametrize("host, target, https_port, expected", [
+    ("example.com", "/a?b=1", 443, "https://example.com/a?b=1"),
+    ("Example.COM:80", "/", 8443, "https://example.com:8443/"),
+    ("[::1]:8080", "/x", 443, "https://[::1]/x"),
+    (None, "/", 443, None), ("", "/", 443, None), ("evil.com/x", "/", 443, None),
+    ("a b", "/", 443, None), ("example.com", "//evil.com/", 443, None),
+    ("example.com", "http://other/", 443, None),
+])
+def test_the_redirect_keeps_host_path_and_query(host: str | None, target: str,
+                                                https_port: int, expected: str | None) -> None:
+    assert redirect.location(host, target, https_port) == expected
+
+
+def test_a_redirect_needs_https() -> None:
+    with pytest.raises(SettingsError, match="'http_redirect'.*needs certfile and keyfile"):
+        Settings(http_redirect="0.0.0.0:80")
+
+
+def _plain(port: int, request: bytes) -> tuple[str, dict[str, str]]:
+    with socket.create_connection(("127.0.0.1", port), 10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return head[0], dict(line.split(": ", 1) for line in head[1:])
+
+
+def test_plain_http_is_redirected_to_the_same_url_on_https(https: Serve) -> None:
+    status, headers = _plain(https.redirect, b"GET /environ?x=1 HTTP/1.1\r\n"
+                             b"Host: 127.0.0.1:%d\r\n\r\n" % https.redirect)
+    assert status == "HTTP/1.1 301 Moved Permanently"
+    assert headers["Location"] == f"https://127.0.0.1:{https.port}/environ?x=1"
+    followed = get(https.port, headers["Location"].split(str(https.port), 1)[1])
+    assert json.loads(followed.body)["QUERY_STRING"] == "x=1"
+
+
+def test_other_methods_get_308_and_no_host_gets_400(https: Serve) -> None:
+    status, headers = _plain(https.redirect, b"POST /form HTTP/1.1\r\nHost: example.com\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+    assert (status, headers["Location"]) == ("HTTP/1.1 308 Permanent Redirect",
+                                             f"https://example.com:{https.port}/form")
+    assert _plain(https.redirect, b"GET / HTTP/1.0\r\n\r\n")[0].startswith("HTTP/1.1 400")
+
+
+def test_the_redirect_is_a_watcher_of_its_own(https: Serve) -> None:
+    [pid] = https.pids("http-redirect")
+    assert "circus_wsgi.redirect" in " ".join(psutil.Process(pid).cmdline())
+    assert f"redirecting http://127.0.0.1:{https.redirect}/ to https, port {https.port}" \
+        in https.output()
