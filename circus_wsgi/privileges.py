@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .lifeline import die_with_parent
+from . import lifeline
 from .settings import Settings, SettingsError
 
 #: Ports below this one need CAP_NET_BIND_SERVICE to listen on.
@@ -121,16 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     if not program or set(options) - {"--bind-service"}:
         sys.exit("usage: python -m circus_wsgi.privileges UID GID [--bind-service] -- "
                  "PROGRAM [ARGS...]")
-    die_with_parent()  # exits now if circusd is gone already
     _give_pipes(uid_number, gid_number)
     caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"] \
         if options else []
-    command = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", *caps,
-               "--pdeathsig=TERM", "--", *program]
-    try:
-        os.execvp(command[0], command)
-    except OSError as error:
-        sys.exit(f"privileges: cannot run setpriv: {error.strerror}")
+    # setpriv's change of user clears the parent-death signal lifeline sets: it sets it again
+    lifeline.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", *caps,
+                  "--pdeathsig=TERM", "--", *program])
 
 
 if __name__ == "__main__":

@@ -284,32 +284,24 @@ def _cipher_suites(value: Any) -> str:
 _cipher_suites.kind = "cipher suites"  # type: ignore[attr-defined]
 
 
-def _user(value: Any) -> str:
-    """A user of this machine, by name or uid; kept as its name."""
-    if value in ("", None):
-        return ""
-    try:
-        entry = pwd.getpwuid(int(value)) if str(value).isdigit() else pwd.getpwnam(str(value))
-    except (KeyError, OverflowError):
-        raise ValueError("no such user on this machine") from None
-    return entry.pw_name
+def _account(what: str, by_id: Callable[[int], Any], by_name: Callable[[str], Any]
+             ) -> Callable[[Any], str]:
+    """A user or group of this machine, by name or number; kept as its name."""
+    def convert(value: Any) -> str:
+        if value in ("", None):
+            return ""
+        try:
+            entry = by_id(int(value)) if str(value).isdigit() else by_name(str(value))
+        except (KeyError, OverflowError):
+            raise ValueError(f"no such {what} on this machine") from None
+        return entry[0]  # pw_name, gr_name
+
+    convert.kind = f"{what} name or {what[0]}id"  # type: ignore[attr-defined]
+    return convert
 
 
-_user.kind = "user name or uid"  # type: ignore[attr-defined]
-
-
-def _group(value: Any) -> str:
-    """A group of this machine, by name or gid; kept as its name."""
-    if value in ("", None):
-        return ""
-    try:
-        entry = grp.getgrgid(int(value)) if str(value).isdigit() else grp.getgrnam(str(value))
-    except (KeyError, OverflowError):
-        raise ValueError("no such group on this machine") from None
-    return entry.gr_name
-
-
-_group.kind = "group name or gid"  # type: ignore[attr-defined]
+_user = _account("user", pwd.getpwuid, pwd.getpwnam)
+_group = _account("group", grp.getgrgid, grp.getgrnam)
 
 
 def _address_list(value: Any) -> str:

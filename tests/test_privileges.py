@@ -8,8 +8,6 @@ The stack runs from :func:`foreign_user.runtime`, an interpreter ``nobody`` can 
 
 from __future__ import annotations
 
-import random
-import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 
 from circus_wsgi.settings import Settings, SettingsError
 from foreign_user import Runtime, runtime
-from harness import wait_for
+from harness import free_port, wait_for
 from test_serve import (APP, CIRCUS_WSGI, STOP_DEADLINE, Serve, assert_nothing_left, get,
                         preflight, scratch, stack_processes, start_serve)
 
@@ -36,15 +34,7 @@ def foreign() -> Iterator[Runtime]:
 
 def privileged_port() -> int:
     """A port under 1024 nobody listens on."""
-    for _ in range(100):
-        port = random.randint(600, 1000)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port under 1024")
+    return free_port(600, 1000)
 
 
 def serve_as_nobody(directory: Path, foreign: Runtime, *flags: str, port: int | None = None

@@ -208,7 +208,7 @@ EVERY_SETTING = {
     "flapping_max_retry": 0,
     "certfile": "/etc/ssl/site.pem", "keyfile": "/etc/ssl/site.key",
     "ciphers": "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256", "user": "nobody", "group": "nogroup",
-    "forwarded_allow_ips": "10.0.0.0/8,*",
+    "forwarded_allow_ips": "10.0.0.0/8,*", "http_redirect": "0.0.0.0:80",
 }
 
 
