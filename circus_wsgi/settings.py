@@ -467,10 +467,10 @@ SETTINGS: tuple[Setting, ...] = (
     _S("user", "security", "", _user,
        "Run every process of the stack but circusd as this user: mongrel2 (which keeps only "
        "the right to bind a port under 1024), the dispatcher, the workers and circus's "
-       "helpers. run_dir is made theirs. Needs root. Default: the user who starts it.",
-       "USER"),
+       "helpers. run_dir is made theirs. Needs root. None: the stack runs as whoever "
+       "starts it.", "USER"),
     _S("group", "security", "", _group,
-       "The group of those processes, with user. Default: the user's primary group.",
+       "The group of those processes, with user (none: the user's primary group).",
        "GROUP"),
     _S("forwarded_allow_ips", "security", "127.0.0.1,::1", _address_list,
        "Proxies (addresses or networks, comma-separated; * for any) whose X-Forwarded-For, "
