@@ -29,12 +29,12 @@ $(VENV)/.bench-installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	touch $@
 
-# logrotate: the tests run docs/deployment.rst's log rotation
+# logrotate and curl: the tests run docs/deployment.rst's commands
 system-deps:
-	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null && \
-	  PATH="$$PATH:/usr/sbin" command -v logrotate >/dev/null || { \
+	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null && command -v curl >/dev/null \
+	  && PATH="$$PATH:/usr/sbin" command -v logrotate >/dev/null || { \
 	  $(SUDO) apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mongrel2-core logrotate; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mongrel2-core logrotate curl; }
 
 deps: system-deps $(STAMP)
 

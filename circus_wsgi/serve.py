@@ -108,8 +108,8 @@ def check_app(settings: Settings) -> None:
         raise ServeError(f"importing {settings.app} took more than {IMPORT_TIMEOUT:.0f} s"
                          ) from None
     except PermissionError as error:
-        raise ServeError(f"{who.user} cannot run {sys.executable}: {error.strerror}"
-                         ) from None
+        runner = who.user if who else "this user"
+        raise ServeError(f"{runner} cannot run {sys.executable}: {error.strerror}") from None
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
         raise ServeError(lines[-1])
