@@ -35,9 +35,13 @@ $(VENV)/.bench-installed: pyproject.toml
 	touch $@
 
 # mongrel2 and m2sh: Debian's mongrel2-core from the system's apt where it has one (Debian 12);
-# else Debian 12's packages, fetched with apt into $(MONGREL2_PREFIX) (see the script)
+# else Debian 12's packages, fetched with apt into $(MONGREL2_PREFIX) (see the script).
+# logrotate and curl: the tests run docs/deployment.rst's commands
 system-deps:
 	@scripts/install-mongrel2 $(MONGREL2_PREFIX)
+	@command -v curl >/dev/null && PATH="$$PATH:/usr/sbin" command -v logrotate >/dev/null || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q logrotate curl; }
 
 deps: system-deps $(STAMP)
 

@@ -5,7 +5,9 @@ sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-s
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
 ``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
 and of mongrel2 (glibc malloc tuning, :mod:`.memory`; the library path of a mongrel2
-in a prefix of its own, :mod:`.mongrel2_binary`), and the flapping plugin.
+in a prefix of its own, :mod:`.mongrel2_binary`), the flapping and autoscaling
+plugins, the metrics endpoint, the user every process but circusd runs as
+(:mod:`.privileges`), and the plain-HTTP port that redirects to HTTPS (:mod:`.redirect`).
 
 circus reads the file with its own parser, which differs from Python's
 configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
@@ -23,6 +25,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from circus.plugins import get_plugin_cmd
+
+from . import privileges
 from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
 from .mongrel2_binary import Mongrel2Binary, locate
@@ -40,6 +45,8 @@ STOP_MARGIN = 2.0
 FLAPPING_PLUGIN = "circus_wsgi.flapping.Flapping"
 #: The autoscaling plugin, loaded when workers_max is above workers_min.
 AUTOSCALE_PLUGIN = "circus_wsgi.autoscale.Autoscaler"
+#: circus's log level for each log_level of the stack (circus's DEBUG logs every command).
+CIRCUS_LOG_LEVELS = {"debug": "info", "info": "warning", "warning": "warning", "error": "error"}
 
 #: What circus substitutes in a value, and how its parser ends a value early.
 _CIRCUS_VARIABLE = re.compile(r"\$\(circus\.[\w.-]+\)|\(\(circus\.[\w.-]+\)\)", re.I)
@@ -92,17 +99,32 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
 
-def _streams(prefix: str) -> dict[str, str]:
-    """Send a watcher's stdout and stderr to circusd's output, each line prefixed."""
+def _streams(prefix: str, kind: str = "PrefixedStream", **extra: str) -> dict[str, str]:
+    """Send a watcher's stdout and stderr to circusd's output, each line prefixed
+    (by a :mod:`.logstream` class ``kind``, with the stream options ``extra``)."""
     options = {}
     for stream in ("stdout_stream", "stderr_stream"):
-        options[f"{stream}.class"] = "circus_wsgi.logstream.PrefixedStream"
+        options[f"{stream}.class"] = f"circus_wsgi.logstream.{kind}"
         options[f"{stream}.prefix"] = prefix
+        options.update({f"{stream}.{key}": value for key, value in extra.items()})
     return options
+
+
+def _circus_log_level(settings: Settings) -> str:
+    """The level of circus's own processes (circusd, circusd-stats, the plugin): one step
+    quieter than the stack's, so its INFO lines (each watcher started, stopped) show at
+    log_level debug only."""
+    return CIRCUS_LOG_LEVELS[settings.log_level]
 
 
 def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
+
+
+def _run_as(settings: Settings) -> dict[str, str]:
+    """The watcher options that make circus start its processes as the stack's user."""
+    who = privileges.identity(settings)
+    return {"uid": who.user, "gid": who.group} if who else {}
 
 
 def _circus_section(settings: Settings, run: RunDir) -> Section:
@@ -120,15 +142,22 @@ def _circus_section(settings: Settings, run: RunDir) -> Section:
                 "debug": "True",
                 "multicast_endpoint": "",  # no UDP discovery socket on 0.0.0.0:12027
                 "check_delay": _number(CHECK_DELAY),
+                "loglevel": _circus_log_level(settings),
             })
 
 
 def _mongrel2_section(settings: Settings, mongrel2_db: Path, binary: Mongrel2Binary
                       ) -> Section:
-    argv = _python("circus_wsgi.lifeline", binary.path, str(mongrel2_db),
-                   settings.server_uuid)
-    return ("watcher:mongrel2", "The HTTP server, run through lifeline so it dies with "
-            "circusd. SIGHUP does not reload it: restart it for a new config.sqlite.", {
+    program = [binary.path, str(mongrel2_db), settings.server_uuid]
+    who = privileges.identity(settings)
+    if who is None:
+        argv = _python("circus_wsgi.lifeline", *program)
+        how = "run through lifeline so it dies with circusd"
+    else:
+        argv = privileges.mongrel2_argv(program, who, int(settings.bind.rpartition(":")[2]))
+        how = f"run as {who.user} through setpriv, which also makes it die with circusd"
+    return ("watcher:mongrel2", f"The HTTP server, {how}. SIGHUP does not reload it: "
+            "restart it for a new config.sqlite.", {
                 "cmd": _command(argv),
                 "working_dir": MONGREL2_WORKING_DIR,
                 "singleton": "True",
@@ -136,7 +165,7 @@ def _mongrel2_section(settings: Settings, mongrel2_db: Path, binary: Mongrel2Bin
                 "priority": "3",
                 "graceful_timeout": _number(MONGREL2_GRACEFUL_TIMEOUT),
                 "copy_env": "True",
-                **_streams("mongrel2"),
+                **_streams("mongrel2", "Mongrel2Stream", level=settings.log_level),
             })
 
 
@@ -150,13 +179,17 @@ def _stats_section(settings: Settings, run: RunDir) -> Section:
     argv = _python("circus_wsgi.lifeline", sys.executable, "-c",
                    "from circus import stats; stats.main()", "--endpoint", endpoint,
                    "--pubsub", run.circus_pubsub, "--statspoint", run.circus_stats,
-                   "--log-level", "info")
+                   "--log-level", _circus_log_level(settings))
+    run_as = _run_as(settings)
+    if run_as:  # it starts first (priority): circusd's sockets become the user's
+        run_as["hooks.before_start"] = privileges.HOOK
     return ("watcher:circusd-stats", "Per-process CPU and memory for circus-top.", {
         "cmd": _command(argv),
         "singleton": "True",
         "numprocesses": "1",
         "priority": "4",
         "copy_env": "True",
+        **run_as,
         **_streams("circusd-stats"),
     })
 
@@ -171,6 +204,7 @@ def _dispatcher_section(settings: Settings) -> Section:
                 "priority": "2",
                 "graceful_timeout": _number(settings.graceful_timeout + STOP_MARGIN),
                 "copy_env": "True",
+                **_run_as(settings),
                 **_streams("dispatcher"),
             })
 
@@ -183,11 +217,36 @@ def _workers_section(settings: Settings) -> Section:
         "priority": "1",
         "graceful_timeout": _number(settings.graceful_timeout + STOP_MARGIN),
         "copy_env": "True",
+        **_run_as(settings),
     }
     if settings.virtualenv:
         options["virtualenv"] = _raw("virtualenv", settings.virtualenv, settings.virtualenv)
     return ("watcher:workers", "The WSGI application, numprocesses processes "
             "(circusctl incr/decr workers).", {**options, **_streams("workers")})
+
+
+def _redirect_sections(settings: Settings) -> list[Section]:
+    """The plain-HTTP port that redirects to HTTPS: a circus socket, bound by circusd,
+    and the process answering on it (:mod:`.redirect`)."""
+    if not settings.http_redirect:
+        return []
+    host, _, port = settings.http_redirect.rpartition(":")
+    argv = _python("circus_wsgi.redirect", "--fd", "$(circus.sockets.redirect)",
+                   "--https-port", settings.bind.rpartition(":")[2])
+    return [("socket:redirect", "The plain-HTTP port (setting http_redirect).", {
+        "host": host, "port": port, "family": "AF_INET6" if ":" in host else "AF_INET",
+        "blocking": "True"}),
+        ("watcher:http-redirect", "Answers plain HTTP with a redirect to HTTPS.", {
+            "cmd": _command(argv),
+            "use_sockets": "True",
+            "working_dir": "/",
+            "singleton": "True",
+            "numprocesses": "1",
+            "priority": "2",
+            "copy_env": "True",
+            **_run_as(settings),
+            **_streams("http-redirect"),
+        })]
 
 
 def _env_section(watcher: str, comment: str, env: dict[str, str]) -> Section:
@@ -234,29 +293,42 @@ def _metrics_section(settings: Settings, run: RunDir) -> Section:
         "priority": "0",
         "copy_env": "True",
         **_streams("metrics"),
+        **_run_as(settings),
     })
 
 
-def _autoscale_section(settings: Settings) -> Section:
-    return ("plugin:autoscale", "Sets the number of workers from the load "
-            "(circus_wsgi.autoscale).", {
-                "use": AUTOSCALE_PLUGIN,
-                "watcher": "workers",
-                "min": str(settings.workers_min),
-                "max": str(settings.workers_max),
-                "scale_down_idle": _number(settings.scale_down_idle),
-                "run_dir": _raw("run_dir", settings.run_dir, settings.run_dir),
-            })
+def _autoscale_section(settings: Settings, run: RunDir) -> Section:
+    return _plugin_section(settings, run, "autoscale", "Sets the number of workers from "
+                           "the load (circus_wsgi.autoscale).", {
+                               "use": AUTOSCALE_PLUGIN,
+                               "watcher": "workers",
+                               "min": str(settings.workers_min),
+                               "max": str(settings.workers_max),
+                               "scale_down_idle": _number(settings.scale_down_idle),
+                               "run_dir": _raw("run_dir", settings.run_dir, settings.run_dir),
+                           })
 
 
-def _flapping_section(settings: Settings) -> Section:
-    return ("plugin:flapping", "Stops a watcher whose processes crash in a loop.", {
+def _flapping_section(settings: Settings, run: RunDir) -> Section:
+    return _plugin_section(settings, run, "flapping", "Stops a watcher whose processes "
+                           "crash in a loop.", {
         "use": FLAPPING_PLUGIN,
         "attempts": str(settings.flapping_attempts),
         "window": _number(settings.flapping_window),
         "retry_in": _number(settings.flapping_retry_in),
         "retries": str(settings.flapping_max_retry),  # max_retry is also circus's own
     })
+
+
+def _plugin_section(settings: Settings, run: RunDir, name: str, comment: str,
+                    options: dict[str, str]) -> Section:
+    """A plugin, with circus's own command for it but at our level (with ``debug``, which
+    gives a plugin its output, circus would run it at DEBUG), as the stack's user."""
+    endpoint = settings.endpoint or run.circus_endpoint
+    cmd = get_plugin_cmd(dict(options), endpoint, run.circus_pubsub, CHECK_DELAY, None,
+                         loglevel=_circus_log_level(settings))
+    return (f"plugin:{name}", comment, {
+        **options, "cmd": _command(shlex.split(cmd)), **_run_as(settings)})
 
 
 def _check_virtualenv(settings: Settings) -> None:
@@ -290,10 +362,11 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     sections.append(_workers_section(settings))
     if settings.metrics:
         sections.append(_metrics_section(settings, run))
+    sections += _redirect_sections(settings)
     sections += _env_sections(settings, binary)
-    sections.append(_flapping_section(settings))
+    sections.append(_flapping_section(settings, run))
     if settings.autoscaling:
-        sections.append(_autoscale_section(settings))
+        sections.append(_autoscale_section(settings, run))
     return sections
 
 

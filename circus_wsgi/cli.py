@@ -24,6 +24,16 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _config(settings: Settings, args: argparse.Namespace) -> int:
+    from .privileges import check_switch
+    from .serve import ServeError, check_app
+
+    check_switch(settings)
+    if not args.no_check_app:
+        try:
+            check_app(settings)
+        except ServeError as error:
+            print(f"circus-wsgi: error: {error}", file=sys.stderr)
+            return USAGE_ERROR
     from .deploy import write_configs
 
     paths = write_configs(settings, args.out)
@@ -103,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "config":
             sub.add_argument("--out", required=True, metavar="DIR",
                              help="directory to write the configuration files into")
+            sub.add_argument("--no-check-app", action="store_true",
+                             help="do not check first that the app imports, as the workers "
+                                  "would import it (for a machine that cannot import it)")
     return parser
 
 

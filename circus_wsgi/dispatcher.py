@@ -762,5 +762,6 @@ def run_dispatcher(settings: Settings) -> int:
     """Entry point of ``circus-wsgi dispatcher``: run until stopped; return the exit status."""
     die_with_parent()
     tune_malloc()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(message)s",
+                        force=True)  # importing circus configured logging already
     return Dispatcher(settings).run()

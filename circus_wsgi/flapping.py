@@ -70,9 +70,11 @@ class Flapping(flapping.Flapping):
 
     def __init__(self, *args: Any, **config: Any) -> None:
         # circus runs plugins at DEBUG when circus.ini says debug = True, the only
-        # setting that lets their output through; this plugin's decisions are INFO and
+        # setting that lets their output through (unless circus.ini gives the plugin's
+        # command a level, as circus-wsgi's does); this plugin's decisions are INFO and
         # above, and the DEBUG lines (asyncio's among them) would only flood the log.
-        logging.getLogger().setLevel(logging.INFO)
+        root = logging.getLogger()
+        root.setLevel(max(root.level, logging.INFO))
         super().__init__(*args, **config)
         self.max_retry = int(config.get("retries", self.max_retry))
         #: Watchers this plugin has stopped, until circusd reports them stopped.
@@ -110,7 +112,7 @@ class Flapping(flapping.Flapping):
         self.last_trouble[name] = now
         crashes = [t for t in self.timelines.get(name, []) if t > now - window] + [now]
         self.timelines[name] = crashes
-        log.info("%s: crash counted: pid %s %s; %d of %d in %gs",
+        log.warning("%s: crash counted: pid %s %s; %d of %d in %gs",
                  name, event.get("process_pid"), describe(exit_code), len(crashes),
                  attempts, window)
         if len(crashes) >= attempts:
@@ -139,7 +141,7 @@ class Flapping(flapping.Flapping):
     def retry(self, name: str) -> None:
         del self.timers[name]
         self.last_trouble[name] = time.time()
-        log.info("%s: retrying: starting the watcher", name)
+        log.warning("%s: retrying: starting the watcher", name)
         self.command("start", name)
 
     def command(self, command: str, name: str) -> bool:

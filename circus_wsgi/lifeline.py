@@ -29,16 +29,21 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         sys.exit(f"lifeline: parent process {parent} is gone")
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str]) -> None:
     """Set the parent-death signal, then exec the program named in ``argv``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        sys.exit("usage: python -m circus_wsgi.lifeline PROGRAM [ARGS...]")
     die_with_parent()
     try:
         os.execvp(argv[0], argv)
     except OSError as error:
         sys.exit(f"lifeline: cannot run {argv[0]}: {error.strerror}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m circus_wsgi.lifeline PROGRAM [ARGS...]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        sys.exit("usage: python -m circus_wsgi.lifeline PROGRAM [ARGS...]")
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ class _QuietHandler(WSGIRequestHandler):
 def run_metrics(settings: Settings) -> int:
     """Entry point of ``circus-wsgi metrics``: serve until killed; the exit status."""
     die_with_parent()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(message)s",
+                        force=True)  # importing circus configured logging already
     if not settings.metrics or not settings.run_dir:
         print("circus-wsgi metrics: give --metrics [HOST:]PORT and --run-dir", file=sys.stderr)
         return EXIT_USAGE

@@ -16,6 +16,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tls
 from .rundir import RunDir
 from .settings import Settings
 
@@ -89,6 +90,7 @@ class Mongrel2Config:
     handler_routes: tuple[str, ...]
     directory_routes: tuple[tuple[str, Directory], ...]
     settings: dict[str, str] = field(default_factory=dict)
+    use_ssl: bool = False
 
     @property
     def host_name(self) -> str:
@@ -146,7 +148,13 @@ def mongrel2_config(settings: Settings) -> Mongrel2Config:
             "upload.temp_store": run.upload_template,
             "upload.temp_store_mode": "0600",
             "control_port": run.mongrel2_control,
+            # X-Forwarded-For as the client sent it: the workers decide whom to believe
+            # (forwarded_allow_ips); mongrel2 would replace it with the peer's address.
+            "no_clobber_xff": "1",
+            **({"certdir": tls.certdir_setting(run), "ssl_ciphers": settings.ciphers}
+               if settings.certfile else {}),
         },
+        use_ssl=bool(settings.certfile),
     )
 
 
@@ -157,10 +165,10 @@ def write_sqlite(config: Mongrel2Config, path: Path) -> Path:
         db.executescript(SCHEMA)
         server = db.execute(
             "INSERT INTO server (uuid, access_log, error_log, chroot, pid_file, control_port,"
-            " default_host, name, bind_addr, port, use_ssl) VALUES (?,?,?,?,?,?,?,?,?,?,0)",
+            " default_host, name, bind_addr, port, use_ssl) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (config.uuid, config.access_log, config.error_log, "", config.pid_file,
              config.control_port, config.host_name, config.name, config.bind_addr,
-             config.port)).lastrowid
+             config.port, int(config.use_ssl))).lastrowid
         host = db.execute(
             "INSERT INTO host (server_id, maintenance, name, matching) VALUES (?,0,?,?)",
             (server, config.host_name, config.host_name)).lastrowid
@@ -231,6 +239,7 @@ def render_conf(config: Mongrel2Config) -> str:
         f"name={_quote(config.name)}",
         f"bind_addr={_quote(config.bind_addr)}",
         f"port={config.port}",
+        *(["use_ssl=1"] if config.use_ssl else []),
         f"hosts=[Host(name={_quote(config.host_name)}, routes={route_map})]"], ")")
     lines += _block("settings = {", [f"{_quote(key)}: {_quote(value)}"
                                      for key, value in sorted(config.settings.items())], "}")

@@ -10,6 +10,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 #: Longest path a Unix socket address may have (sun_path is 108 bytes with its NUL).
 IPC_PATH_MAX = 107
@@ -86,13 +87,21 @@ class RunDir:
         return self.path / "uploads"
 
     @property
+    def certdir(self) -> Path:
+        """Where mongrel2 reads its TLS certificate and key (copies, see :mod:`.tls`)."""
+        return self.path / "certs"
+
+    @property
     def upload_template(self) -> str:
         """mongrel2's upload.temp_store: an mkstemp template."""
         return str(self.uploads / "upload.XXXXXX")
 
-    def create(self) -> "RunDir":
-        """Create the directory (and uploads/) private to this user: mode 0700."""
+    def create(self, owner: Optional[tuple[int, int]] = None) -> "RunDir":
+        """Create the directory (and uploads/) private to this user, or to ``owner``
+        (uid, gid): mode 0700."""
         for directory in (self.path, self.uploads):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, stat.S_IRWXU)
+            if owner is not None:
+                os.chown(directory, *owner)
         return self

@@ -1,8 +1,9 @@
 """``circus-wsgi serve APP``: the whole stack in the foreground, from one command.
 
 It checks what would make the stack fail before starting anything (the mongrel2
-binary runs, the port is free, the app imports as a worker would import it, the
-run dir is private and writable), writes the configuration into the run dir,
+binary runs, the user may be switched to, the TLS certificate and key work, the
+ports are free, the app imports as a worker would import it, the run dir is
+private and writable), writes the configuration into the run dir,
 runs circusd on it and says where it serves and how to steer it once a worker
 is ready. A watcher that circus stops while the stack starts (a crash loop
 stopped by the flapping plugin) ends the start with one line.
@@ -39,6 +40,7 @@ from typing import Any, Optional
 import psutil
 from circus.client import CircusClient, make_message
 
+from . import privileges, tls
 from .deploy import write_configs
 from .exits import EXIT_OK, EXIT_USAGE
 from .flapping import describe
@@ -64,10 +66,16 @@ PR_SET_CHILD_SUBREAPER = 36
 _IMPORT_CHECK = """\
 import json, os, sys
 from circus_wsgi.appload import AppLoadError, load_app, load_mounts, prepare_path
-chdir, virtualenv, env, app, mounts = json.loads(sys.argv[1])
+chdir, virtualenv, env, app, mounts, access_log = json.loads(sys.argv[1])
 os.environ.update(env)
 try:
     prepare_path(chdir, virtualenv)
+    if access_log not in ("", "-"):
+        try:
+            open(access_log, "a").close()
+        except OSError as error:
+            sys.exit(f"setting 'access_log': cannot write {os.path.abspath(access_log)}: "
+                     f"{error.strerror}")
     load_app(app)
     load_mounts([tuple(m) for m in mounts])
 except AppLoadError as error:
@@ -84,18 +92,25 @@ class ServeError(Exception):
 
 
 def check_app(settings: Settings) -> None:
-    """Import the app (and mounts) once in a child process, as a worker would: in
-    ``chdir``, with the ``virtualenv`` and with the ``env`` setting applied."""
+    """Start as a worker would, once, in a child process: as the stack's ``user``, in
+    ``chdir``, with the ``virtualenv`` and the ``env`` setting; open the access log and
+    import the app (and mounts)."""
     if not settings.app:
         raise SettingsError("app", None, "required: the WSGI application as MODULE:CALLABLE")
     args = json.dumps([settings.chdir, settings.virtualenv, dict(settings.env), settings.app,
-                       list(settings.mounts)])
+                       list(settings.mounts), settings.access_log])
+    who = privileges.identity(settings)
+    as_user = {} if who is None else privileges.as_user(who)
     try:
         result = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, args],
-                                capture_output=True, text=True, timeout=IMPORT_TIMEOUT)
+                                capture_output=True, text=True, timeout=IMPORT_TIMEOUT,
+                                **as_user)
     except subprocess.TimeoutExpired:
         raise ServeError(f"importing {settings.app} took more than {IMPORT_TIMEOUT:.0f} s"
                          ) from None
+    except PermissionError as error:
+        runner = who.user if who else "this user"
+        raise ServeError(f"{runner} cannot run {sys.executable}: {error.strerror}") from None
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
         raise ServeError(lines[-1])
@@ -125,20 +140,6 @@ def check_token(value: str, name: str) -> None:
                              f"{error.strerror}") from None
 
 
-def check_access_log(settings: Settings) -> None:
-    """The workers' access log file must be writable (workers exit at start otherwise);
-    a relative path is taken from chdir, the workers' working directory."""
-    if settings.access_log in ("", "-"):
-        return
-    path = os.path.join(settings.chdir, settings.access_log)
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as error:
-        raise ServeError(f"setting 'access_log': cannot write {path}: "
-                         f"{error.strerror}") from None
-
-
 def prepare_run_dir(settings: Settings) -> tuple[Settings, bool]:
     """Settings with their run dir made (private); True when serve created it.
 
@@ -147,29 +148,34 @@ def prepare_run_dir(settings: Settings) -> tuple[Settings, bool]:
     run dir of a running stack, whose sockets a second circusd would take over.
     What a killed stack left in it (sockets, pid files, uploads) is removed.
     """
+    who = privileges.identity(settings)
+    owner = who.owner if who else None
     if not settings.run_dir:
-        return settings.replace(run_dir=tempfile.mkdtemp(prefix="cw-", dir="/tmp")), True
+        run_dir = tempfile.mkdtemp(prefix="cw-", dir="/tmp")
+        RunDir(Path(run_dir)).create(owner)
+        return settings.replace(run_dir=run_dir), True
     path = Path(settings.run_dir)
     try:
         if path.is_dir():
-            _check_private(path)
+            _check_private(path, owner[0] if owner else os.getuid())
             busy = [sock.name for sock in path.glob("*.sock") if _accepts(sock)]
             if busy:
                 raise ServeError(f"run dir {path} is in use by a running stack "
                                  f"({busy[0]} answers): stop it, or name another directory")
             clean_run_dir(path, created=False)  # what a killed stack left
-        RunDir(path).create()
+        RunDir(path).create(owner)
         probe = path / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as error:
         raise ServeError(f"run dir {path} is not writable: {error.strerror}") from None
+    privileges.check_reachable(who, path)
     return settings, False
 
 
-def _check_private(path: Path) -> None:
+def _check_private(path: Path, uid: int) -> None:
     info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if info.st_uid != uid or info.st_mode & 0o077:
         raise ServeError(f"run dir {path} is open to other users (mode "
                          f"{info.st_mode & 0o7777:04o}): chmod 700 it, or name a new "
                          "directory")
@@ -194,6 +200,7 @@ def clean_run_dir(run_dir: Path, created: bool) -> None:
     for leftover in [*run_dir.glob("*.sock"), *run_dir.glob("*.pid"),
                      *RunDir(run_dir).uploads.glob("*")]:
         leftover.unlink(missing_ok=True)
+    tls.remove(RunDir(run_dir))
 
 
 # --------------------------------------------------------------------------
@@ -387,8 +394,10 @@ def _announce(settings: Settings) -> None:
     threads = f" x {settings.threads} threads" if settings.threads > 1 else ""
     scaling = f" (autoscaling {settings.workers_min} to {settings.workers_max})" \
         if settings.autoscaling else ""
-    print(f"Serving {settings.app} at http://{settings.bind}/ with "
-          f"{settings.starting_workers} workers{threads}{scaling}", flush=True)
+    scheme = "https" if settings.certfile else "http"
+    as_user = f" as {settings.user}" if settings.user else ""
+    print(f"Serving {settings.app} at {scheme}://{settings.bind}/ with "
+          f"{settings.starting_workers} workers{threads}{scaling}{as_user}", flush=True)
     print(f"Control: export CIRCUSCTL_ENDPOINT={endpoint}", flush=True)
     print(f"Watch:   circus-top --endpoint {run.circus_stats}    "
           f"Status: circus-wsgi status --run-dir {settings.run_dir}", flush=True)
@@ -400,11 +409,14 @@ def preflight(settings: Settings) -> tuple[Settings, bool]:
     """Every check that needs nothing running; the settings with their run dir, and
     True when serve created it."""
     usable_mongrel2(settings.mongrel2)
+    privileges.check_switch(settings)
+    tls.check(settings)
     check_port(settings.bind)
+    if settings.http_redirect:
+        check_port(settings.http_redirect)
     if settings.metrics:
         check_port(settings.metrics, " (metrics)")
         check_token(settings.metrics_token, "metrics_token")
-    check_access_log(settings)
     check_app(settings)
     return prepare_run_dir(settings)
 

@@ -13,8 +13,10 @@ line naming the setting, the value and what is allowed.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import runpy
 import uuid
@@ -25,6 +27,14 @@ from .rundir import IPC_PATH_MAX, RUN_DIR_MAX
 
 __all__ = ["Setting", "Settings", "SettingsError", "SETTINGS"]
 
+#: The cipher suites mongrel2 offers by default (setting ciphers), in mbedTLS's names:
+#: forward-secret (ECDHE) and AEAD only, which are TLS 1.2's alone. mbedTLS 2.28 offers
+#: TLS 1.0 to 1.2 and every suite it has unless told; mongrel2 has no setting for the
+#: protocol version, so the suites are what refuses TLS 1.0 and 1.1 (docs/deployment.rst).
+DEFAULT_CIPHERS = " ".join(
+    f"TLS-ECDHE-{key}-WITH-{cipher}" for cipher in (
+        "AES-128-GCM-SHA256", "AES-256-GCM-SHA384", "CHACHA20-POLY1305-SHA256")
+    for key in ("ECDSA", "RSA"))
 
 
 class SettingsError(ValueError):
@@ -257,6 +267,83 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return convert
 
 
+# Converters of the security settings: HTTPS, privileges, trusted proxies
+
+
+def _file_path(value: Any) -> str:
+    """A file's absolute path; whether it can be read is checked before the stack starts
+    (workers, which may not read it, convert the same value)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a path")
+    return os.path.abspath(value) if value else ""
+
+
+_file_path.kind = "file"  # type: ignore[attr-defined]
+
+
+def _optional_bind(value: Any) -> str:
+    return "" if value in ("", None) else _bind(value)
+
+
+_optional_bind.kind = "HOST:PORT"  # type: ignore[attr-defined]
+
+
+def _cipher_suites(value: Any) -> str:
+    """Cipher suite names as mongrel2 reads them: mbedTLS's, separated by one space."""
+    names = value.replace(",", " ").split() if isinstance(value, str) else value
+    try:
+        suites = [name.strip().upper().replace("_", "-") for name in names]
+    except (TypeError, AttributeError):
+        raise ValueError("must be cipher suite names separated by spaces") from None
+    if not suites or not all(re.fullmatch(r"TLS-[A-Z0-9-]+-WITH-[A-Z0-9-]+", s) for s in suites):
+        raise ValueError("must be TLS 1.2 cipher suite names (IANA's or mbedTLS's, such as "
+                         "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256) separated by spaces")
+    return " ".join(suites)
+
+
+_cipher_suites.kind = "cipher suites"  # type: ignore[attr-defined]
+
+
+def _account(what: str, by_id: Callable[[int], Any], by_name: Callable[[str], Any]
+             ) -> Callable[[Any], str]:
+    """A user or group of this machine, by name or number; kept as its name."""
+    def convert(value: Any) -> str:
+        if value in ("", None):
+            return ""
+        try:
+            entry = by_id(int(value)) if str(value).isdigit() else by_name(str(value))
+        except (KeyError, OverflowError):
+            raise ValueError(f"no such {what} on this machine") from None
+        return entry[0]  # pw_name, gr_name
+
+    convert.kind = f"{what} name or {what[0]}id"  # type: ignore[attr-defined]
+    return convert
+
+
+_user = _account("user", pwd.getpwuid, pwd.getpwnam)
+_group = _account("group", grp.getgrgid, grp.getgrnam)
+
+
+def _address_list(value: Any) -> str:
+    """Addresses and networks (or ``*``), as gunicorn's forwarded_allow_ips: "a,b,c"."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        addresses = [str(item).strip() for item in items]
+    except TypeError:
+        raise ValueError("must be IP addresses or networks separated by commas, or *") from None
+    for address in filter(None, addresses):
+        if address != "*":
+            try:
+                ipaddress.ip_network(address)
+            except ValueError:
+                raise ValueError(f"{address!r} is not an IP address or network (such as "
+                                 "10.0.0.0/8); separate them by commas, or give *") from None
+    return ",".join(filter(None, addresses))
+
+
+_address_list.kind = "addresses"  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------
 
 
@@ -410,6 +497,33 @@ SETTINGS: tuple[Setting, ...] = (
        "Seconds to wait before starting a stopped watcher again.", "S"),
     _S("flapping_max_retry", "flapping", 2, _integer(0),
        "Restarts tried after a crash loop before the watcher stays stopped.", "N"),
+    # -- security: HTTPS, privileges, trusted proxies (gunicorn's names)
+    _S("certfile", "security", "", _file_path,
+       "HTTPS: the certificate mongrel2 serves on bind (PEM: the server's certificate, then "
+       "its chain). With keyfile, bind speaks TLS 1.2 only: mongrel2's mbedTLS 2.28 has no "
+       "TLS 1.3.", "FILE"),
+    _S("keyfile", "security", "", _file_path,
+       "HTTPS: the private key of certfile (PEM, without a passphrase).", "FILE"),
+    _S("ciphers", "security", DEFAULT_CIPHERS, _cipher_suites,
+       "HTTPS: the cipher suites mongrel2 offers, most preferred first, by IANA or mbedTLS "
+       "name. The default has only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305, "
+       "which TLS 1.0 and 1.1 cannot use: those handshakes are refused.", "SUITES"),
+    _S("http_redirect", "security", "", _optional_bind,
+       "HTTPS: also listen for plain HTTP here and answer every request with a redirect to "
+       "the same URL on HTTPS (301, or 308 for methods other than GET and HEAD). circusd "
+       "binds it, so a port under 1024 works with user.", "HOST:PORT"),
+    _S("user", "security", "", _user,
+       "Run every process of the stack but circusd as this user: mongrel2 (which keeps only "
+       "the right to bind a port under 1024), the dispatcher, the workers and circus's "
+       "helpers. run_dir is made theirs. Needs root. None: the stack runs as whoever "
+       "starts it.", "USER"),
+    _S("group", "security", "", _group,
+       "The group of those processes, with user (none: the user's primary group).",
+       "GROUP"),
+    _S("forwarded_allow_ips", "security", "127.0.0.1,::1", _address_list,
+       "Proxies (addresses or networks, comma-separated; * for any) whose X-Forwarded-For, "
+       "X-Forwarded-Proto and Forwarded headers set REMOTE_ADDR and wsgi.url_scheme. From any "
+       "other peer those headers reach the app unchanged but change nothing.", "ADDRESSES"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -448,6 +562,7 @@ class Settings:
                 if route in routes:
                     raise SettingsError(name, prefix, "another route has this URL prefix")
                 routes.add(route)
+        _check_security(self._values)
         if self.run_dir and len(self.run_dir.encode()) > RUN_DIR_MAX:
             raise SettingsError("run_dir", self.run_dir,
                                 f"too long for ipc sockets: at most {RUN_DIR_MAX} bytes")
@@ -557,6 +672,20 @@ class Settings:
 def _loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+def _check_security(values: dict[str, Any]) -> None:
+    """HTTPS needs both files, and a redirect to it HTTPS; a group is a user's."""
+    if bool(values["certfile"]) != bool(values["keyfile"]):
+        given, missing = ("certfile", "keyfile") if values["certfile"] else ("keyfile", "certfile")
+        raise SettingsError(given, values[given], f"HTTPS needs {missing} too")
+    if values["http_redirect"] and not values["certfile"]:
+        raise SettingsError("http_redirect", values["http_redirect"],
+                            "redirects to HTTPS, which needs certfile and keyfile")
+    if values["http_redirect"] and values["http_redirect"] == values["bind"]:
+        raise SettingsError("http_redirect", values["http_redirect"], "is bind's address")
+    if values["group"] and not values["user"]:
+        raise SettingsError("group", values["group"], "needs user too")
 
 
 def _render(value: Any) -> str:

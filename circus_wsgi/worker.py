@@ -64,6 +64,7 @@ from . import exits, framing, httpmsg, protocol
 from .accesslog import AccessLog, Entry
 from .appload import AppLoadError, load_app, load_mounts, prepare_path
 from .board import Board, board_path
+from .forwarded import Proxies
 from .lifeline import die_with_parent
 from .memory import tune_malloc
 from .protocol import Kind, Message, ProtocolError
@@ -980,7 +981,9 @@ def build_router(settings: Settings) -> Router:
     if not settings.app:
         raise AppLoadError("no application given: circus-wsgi worker MODULE:CALLABLE")
     options = dict(bind=settings.bind, multithread=settings.threads > 1,
-                   multiprocess=settings.workers > 1)
+                   multiprocess=settings.workers > 1,
+                   proxies=Proxies(settings.forwarded_allow_ips)
+                   if settings.forwarded_allow_ips else None)
     root = Site(load_app(settings.app), "/", **options)
     mounts = [Site(app, prefix, **options) for prefix, app in load_mounts(settings.mounts)]
     return Router(root, mounts)
@@ -988,7 +991,7 @@ def build_router(settings: Settings) -> Router:
 
 def run_worker(settings: Settings) -> int:
     """Entry point of ``circus-wsgi worker``: serve until stopped; the exit status."""
-    logging.basicConfig(stream=sys.stderr, level=settings.log_level.upper(),
+    logging.basicConfig(stream=sys.stderr, level=settings.log_level.upper(), force=True,
                         format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
     die_with_parent()
     tune_malloc()

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 from urllib.parse import unquote_to_bytes
 
 from . import httpmsg
+from .forwarded import Proxies
 from .protocol import WINDOW, Buffer
 from .protocol import Message
 
@@ -151,13 +152,15 @@ class Site:
 
     ``prefix`` is its URL prefix ("/" for the root), which becomes SCRIPT_NAME
     (without a trailing slash). ``bind`` gives SERVER_NAME and SERVER_PORT when
-    a request has no Host header.
+    a request has no Host header. ``proxies`` says whose forwarding headers set
+    REMOTE_ADDR and wsgi.url_scheme (None: nobody's).
     """
 
     def __init__(self, app: WSGIApp, prefix: str = "/", *, bind: str = "127.0.0.1:8000",
                  multithread: bool = False, multiprocess: bool = True,
-                 errors: Any = None) -> None:
+                 errors: Any = None, proxies: Optional[Proxies] = None) -> None:
         self.app = app
+        self.proxies = proxies
         self.prefix = prefix.encode("latin-1")
         script_name = prefix.rstrip("/")
         self._cut = len(script_name)
@@ -195,6 +198,10 @@ class Site:
         environ["SERVER_PROTOCOL"] = headers.get(b"VERSION", b"HTTP/1.1").decode("latin-1")
         environ["REMOTE_ADDR"] = headers.get(b"REMOTE_ADDR", b"").decode("latin-1")
         environ["wsgi.url_scheme"] = scheme
+        if self.proxies is not None and ("HTTP_X_FORWARDED_FOR" in environ or
+                                         "HTTP_X_FORWARDED_PROTO" in environ or
+                                         "HTTP_FORWARDED" in environ):
+            scheme = self.proxies.apply(environ)
         host = environ.get("HTTP_HOST")
         if host:
             server = self._hosts.get((host, scheme))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -135,12 +136,14 @@ class Outcome:
 
 @dataclass
 class Load:
-    """Threads each sending ``path`` in a closed loop until :meth:`stop`."""
+    """Threads each sending ``path`` in a closed loop until :meth:`stop` (over HTTPS when
+    given a ``context``)."""
 
     port: int
     paths: list[str]
     timeout: float = 15.0
     outcomes: list[Outcome] = field(default_factory=list)
+    context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -164,8 +167,10 @@ class Load:
         connection = None
         while not self._stop.is_set():
             if connection is None:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port,
-                                                        timeout=self.timeout)
+                connection = http.client.HTTPConnection(
+                    "127.0.0.1", self.port, timeout=self.timeout) if self.context is None \
+                    else http.client.HTTPSConnection("127.0.0.1", self.port,
+                                                     timeout=self.timeout, context=self.context)
             started = time.monotonic()
             try:
                 connection.request("GET", path)

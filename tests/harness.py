@@ -3,6 +3,7 @@
 - :func:`free_port`: a free TCP port on 127.0.0.1, outside the ephemeral range
   (ports there collided with other sockets on these machines).
 - :func:`wait_for`, :func:`wait_for_port`: wait for a condition, with a deadline.
+- :func:`oversized_request`: one that makes mongrel2 log an error.
 - :class:`Process`: a child whose output goes to a file, stopped with SIGTERM,
   then SIGKILL after a deadline.
 - :func:`m2sh`: mongrel2's m2sh, of the same installation as the mongrel2 the
@@ -65,6 +66,14 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
     wait_for(lambda: port_open(port, host), timeout, 0.02, f"{host}:{port} to accept")
+
+
+def oversized_request(port: int) -> None:
+    """A request mongrel2 refuses (400) and logs as an error, for a test that needs one of
+    its lines (seen: 'Too many small packet read attempts')."""
+    with socket.create_connection(("127.0.0.1", port), 10) as sock:
+        sock.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
 
 
 def free_port(low: int = 20000, high: int = 32000) -> int:

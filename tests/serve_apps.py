@@ -9,7 +9,7 @@ Environment variables steer the import, so a test can break it on purpose:
   once (in serve's check) and never again.
 
 ``app`` routes on the path: ``/`` says hello with the worker's pid, ``/sleep?s=N``
-sleeps N seconds first. ``from_env()`` is a factory that needs
+sleeps N seconds first, ``/whoami`` answers the worker's uid, gid and groups. ``from_env()`` is a factory that needs
 ``SERVE_APPS_GREETING`` (a setting ``env`` of serve) to build its app.
 """
 
@@ -41,6 +41,8 @@ def app(environ, start_response):
         seconds = float(parse_qs(environ.get("QUERY_STRING", "")).get("s", ["1"])[0])
         time.sleep(seconds)
         return _text(start_response, f"slept {seconds}")
+    if environ["PATH_INFO"] == "/whoami":
+        return _text(start_response, f"{os.getuid()} {os.getgid()} {sorted(os.getgroups())}")
     return _text(start_response, f"hello from {os.getpid()}")
 
 

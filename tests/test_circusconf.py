@@ -81,14 +81,17 @@ def test_watchers_and_plugin(run_dir: Path, settings: Settings) -> None:
     config = load(run_dir, settings)
     assert set(watchers(config)) == {"circusd-stats", "mongrel2", "dispatcher", "workers"}
     [plugin] = config["plugins"]
+    argv = shlex.split(plugin.pop("cmd"))
+    assert argv[:3] == [sys.executable, "-c", "from circus import plugins;plugins.main()"]
+    assert argv[-3:] == ["--log-level", "warning", FLAPPING_PLUGIN]
     assert plugin == {"__name__": "plugin:flapping", "name": "plugin:flapping",
                       "use": FLAPPING_PLUGIN, "attempts": "3", "window": "5",
                       "retry_in": "5", "retries": "2"}
     assert load(run_dir, settings.replace(
         flapping_attempts=7, flapping_window=0.5, flapping_retry_in=1.25,
-        flapping_max_retry=0))["plugins"][0] | {"__name__": ""} == {
+        flapping_max_retry=0))["plugins"][0] | {"__name__": "", "cmd": ""} == {
         "__name__": "", "name": "plugin:flapping", "use": FLAPPING_PLUGIN, "attempts": "7",
-        "window": "0.5", "retry_in": "1.25", "retries": "0"}
+        "window": "0.5", "retry_in": "1.25", "retries": "0", "cmd": ""}
 
 
 def test_mongrel2_watcher(run_dir: Path, settings: Settings) -> None:
@@ -100,7 +103,37 @@ def test_mongrel2_watcher(run_dir: Path, settings: Settings) -> None:
     assert mongrel2["singleton"] is True and mongrel2["numprocesses"] == 1
     assert mongrel2["graceful_timeout"] == MONGREL2_GRACEFUL_TIMEOUT
     assert mongrel2["stdout_stream"] == mongrel2["stderr_stream"] == {
-        "class": "circus_wsgi.logstream.PrefixedStream", "prefix": "mongrel2"}
+        "class": "circus_wsgi.logstream.Mongrel2Stream", "prefix": "mongrel2", "level": "info"}
+
+
+@pytest.mark.parametrize("level, circus_level", [
+    ("debug", "info"), ("info", "warning"), ("warning", "warning"), ("error", "error")])
+def test_circus_itself_logs_one_step_quieter_than_the_stack(run_dir: Path, level: str,
+                                                            circus_level: str) -> None:
+    config = load(run_dir, resolved(run_dir, log_level=level))
+    assert config["loglevel"] == circus_level
+    stats = shlex.split(watchers(config)["circusd-stats"]["cmd"])
+    assert stats[stats.index("--log-level") + 1] == circus_level
+    plugin = shlex.split(config["plugins"][0]["cmd"])
+    assert plugin[plugin.index("--log-level") + 1] == circus_level
+    mongrel2 = watchers(config)["mongrel2"]
+    assert mongrel2["stdout_stream"]["level"] == mongrel2["stderr_stream"]["level"] == level
+
+
+def test_a_user_runs_everything_but_circusd(run_dir: Path) -> None:
+    config = load(run_dir, resolved(run_dir, user="nobody", bind="127.0.0.1:80"))
+    found = watchers(config)
+    for name in ("circusd-stats", "dispatcher", "workers"):
+        assert (found[name]["uid"], found[name]["gid"]) == ("nobody", "nogroup"), name
+    assert (config["plugins"][0]["uid"], config["plugins"][0]["gid"]) == ("nobody", "nogroup")
+    assert found["circusd-stats"]["hooks"] == {
+        "before_start": ["circus_wsgi.privileges.own_circus_sockets", False]}
+    assert found["mongrel2"]["uid"] is None  # root's, until setpriv switches
+    assert shlex.split(found["mongrel2"]["cmd"])[:7] == [
+        sys.executable, "-m", "circus_wsgi.privileges", "65534", "65534", "--bind-service",
+        "--"]
+    high = watchers(load(run_dir, resolved(run_dir, user="nobody", bind="127.0.0.1:8080")))
+    assert "--bind-service" not in high["mongrel2"]["cmd"]
 
 
 def test_a_mongrel2_in_a_prefix_runs_with_the_prefix_libraries(

@@ -121,3 +121,43 @@ def test_deploy_example_needs_a_directory() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "deploy.py")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.startswith("usage:")
+
+
+# -- the app is imported first, as serve and the workers import it
+
+
+def config(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CIRCUS_WSGI), "config", "--out", str(out), "--chdir",
+                           str(ROOT / "tests"), *flags], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("flags, last_line", [
+    (["serve_apps:app", "--env", "SERVE_APPS_IMPORT_ERROR=no database"],
+     "application 'serve_apps:app': cannot import 'serve_apps': RuntimeError: no database"),
+    (["serve_apps:nothing"], "module 'serve_apps' has no attribute 'nothing'"),
+    (["serve_apps:from_env()"], "the factory failed: KeyError: 'SERVE_APPS_GREETING'"),
+    (["serve_apps:app", "--mounts", "/x=no_such_module:app"],
+     "cannot import 'no_such_module': ModuleNotFoundError"),
+], ids=["import-error", "missing-attribute", "factory-error", "mount"])
+def test_config_of_an_app_that_does_not_import_is_one_line_and_writes_nothing(
+        run_dir: Path, flags: list[str], last_line: str) -> None:
+    result = config(run_dir / "out", *flags)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(
+        "circus-wsgi: error: ") and last_line in result.stderr, result.stderr
+    assert not (run_dir / "out").exists()
+
+
+def test_config_imports_with_the_settings_env_and_chdir(run_dir: Path) -> None:
+    result = config(run_dir / "out", "serve_apps:from_env()", "--env",
+                    "SERVE_APPS_GREETING=hello")
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "out" / "circus.ini").is_file()
+
+
+def test_no_check_app_writes_for_an_app_this_machine_cannot_import(run_dir: Path) -> None:
+    result = config(run_dir / "out", "not_here.wsgi:application", "--no-check-app")
+    assert result.returncode == 0, result.stderr
+    assert workers_watcher(run_dir / "out" / "circus.ini")["cmd"].split()[4] == \
+        "not_here.wsgi:application"

@@ -32,6 +32,7 @@ from circus_wsgi.deploy import resolve_for
 from circus_wsgi.mongrel2 import MONGREL2_WORKING_DIR
 from circus_wsgi.mongrel2_binary import Mongrel2Binary
 from circus_wsgi.rundir import RunDir
+from harness import oversized_request
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "examples" / "static"
@@ -237,4 +238,5 @@ def test_circus_top_gets_stats(circusd: Stack) -> None:
 
 def test_mongrel2_output_reaches_circusd_prefixed(circusd: Stack) -> None:
     [pid] = circusctl(circusd, "list", "mongrel2").split(",")
+    oversized_request(circusd.port)  # at the default log level mongrel2 shows only errors
     assert wait_for(lambda: f"mongrel2.{pid} | " in circusd.output(), 10)

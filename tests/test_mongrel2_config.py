@@ -131,7 +131,8 @@ def test_database_says_what_the_settings_say(generated: tuple[Settings, Path, Pa
         "limits.content_length": "4096",
         "limits.buffer_size": "16384", "limits.min_ping": "120",
         "download.flow_control": "1", "upload.temp_store": str(run.uploads / "upload.XXXXXX"),
-        "upload.temp_store_mode": "0600", "control_port": run.mongrel2_control}
+        "upload.temp_store_mode": "0600", "control_port": run.mongrel2_control,
+        "no_clobber_xff": "1"}
 
 
 def test_web_content_types_are_known(generated: tuple[Settings, Path, Path]) -> None:

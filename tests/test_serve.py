@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import psutil
 import pytest
@@ -39,7 +39,8 @@ from circus_wsgi.memory import glibc_tunables
 from circus_wsgi.mongrel2_binary import Mongrel2Binary, locate
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
-from harness import TESTS_DIR, HTTPClient, Process, Reply, free_port, python_env, wait_for
+from harness import (TESTS_DIR, HTTPClient, Process, Reply, free_port, oversized_request,
+                     python_env, wait_for)
 
 BIN = Path(sys.executable).parent
 CIRCUS_WSGI = str(BIN / "circus-wsgi")
@@ -169,26 +170,30 @@ class Serve:
         return status
 
 
-def serve_argv(port: int, app: str, run_dir: Optional[Path], flags: tuple[str, ...]
-               ) -> list[str]:
-    argv = [CIRCUS_WSGI, "serve", app, "--bind", f"127.0.0.1:{port}", "--chdir",
+def serve_argv(port: int, app: str, run_dir: Optional[Path], flags: tuple[str, ...],
+               argv0: Sequence[str] = (CIRCUS_WSGI,)) -> list[str]:
+    argv = [*argv0, "serve", app, "--bind", f"127.0.0.1:{port}", "--chdir",
             str(TESTS_DIR), *flags]
     return argv + (["--run-dir", str(run_dir)] if run_dir else [])
 
 
 def start_serve(directory: Path, *flags: str, app: str = APP, own_run_dir: bool = True,
-                env: Optional[dict] = None, attempts: int = 3) -> Serve:
+                env: Optional[dict] = None, attempts: int = 3,
+                answers: Callable[[int], bool] = _answers, port: Optional[int] = None,
+                argv0: Sequence[str] = (CIRCUS_WSGI,)) -> Serve:
     """Start serve (run dir ``directory/run`` unless ``own_run_dir`` is false) and return
-    once it has answered a request and printed its Control line."""
+    once it has answered a request (``answers(port)``) and printed its Control line.
+    ``argv0`` is the command that runs circus-wsgi."""
     for attempt in range(attempts):
-        port = free_port()
-        argv = serve_argv(port, app, directory / "run" if own_run_dir else None, flags)
+        port_tried = port or free_port()
+        argv = serve_argv(port_tried, app, directory / "run" if own_run_dir else None, flags,
+                          argv0)
         started = time.monotonic()
         process = Process(argv, directory / f"serve-{attempt}.log", cwd=str(directory),
                           env={**python_env(), **(env or {})})
-        served = Serve(process, port, directory)
+        served = Serve(process, port_tried, directory)
         try:
-            wait_for(lambda: not process.alive() or _answers(port), START_DEADLINE, 0.02,
+            wait_for(lambda: not process.alive() or answers(port_tried), START_DEADLINE, 0.02,
                      "serve's first 200")
             if not process.alive():
                 if PORT_TAKEN in served.output():
@@ -454,7 +459,8 @@ def test_each_log_line_names_its_source(served: Serve) -> None:
     assert int(access.search(served.output()).group(1)) in served.pids("workers")
     [mongrel2] = served.pids("mongrel2")
     [dispatcher] = served.pids("dispatcher")
-    assert served.lines(f"mongrel2.{mongrel2} | ")
+    oversized_request(served.port)  # mongrel2 writes only warnings and errors at this level
+    wait_for(lambda: served.lines(f"mongrel2.{mongrel2} | "), 10, 0.05, "mongrel2's error")
     assert served.lines(f"dispatcher.{dispatcher} | ")
     for pid in served.pids("workers"):
         assert served.lines(f"workers.{pid} | ")

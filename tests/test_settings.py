@@ -212,7 +212,8 @@ EVERY_SETTING = {
     "chdir": str(HERE), "env": {"A": "1", "B": "x=y z"}, "virtualenv": "/opt/venv",
     "bind": "0.0.0.0:8080", "static": {"/static": STATIC},
     "server_uuid": "f400bf85-4538-4f7a-8908-67e313d515c2", "run_dir": "/tmp/cw-run",
-    "mongrel2": "/opt/mongrel2/bin/mongrel2", "endpoint": "tcp://127.0.0.1:6555", "workers": 5, "threads": 4, "mode": "direct",
+    "mongrel2": "/opt/mongrel2/bin/mongrel2", "endpoint": "tcp://127.0.0.1:6555",
+    "workers": 5, "threads": 4, "mode": "direct",
     "send_spec": "tcp://10.0.0.1:9997", "recv_spec": "ipc:///tmp/r.sock",
     "graceful_timeout": 1.5, "timeout": 7, "max_requests": 100, "max_requests_jitter": 10,
     "max_worker_memory": 512,
@@ -222,6 +223,9 @@ EVERY_SETTING = {
     "access_log_format": "-%(h)s \"%(r)s\" 'q'", "log_level": "debug",
     "flapping_attempts": 5, "flapping_window": 2.5, "flapping_retry_in": 0,
     "flapping_max_retry": 0,
+    "certfile": "/etc/ssl/site.pem", "keyfile": "/etc/ssl/site.key",
+    "ciphers": "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256", "user": "nobody", "group": "nogroup",
+    "forwarded_allow_ips": "10.0.0.0/8,*", "http_redirect": "0.0.0.0:80",
 }
 
 
