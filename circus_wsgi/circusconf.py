@@ -3,8 +3,9 @@
 This module owns the circus side of a deployment: circusd's own endpoints (ipc
 sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-stats
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
-``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
-and of mongrel2 (glibc malloc tuning, :mod:`.memory`), and the flapping plugin.
+``dispatcher`` (not in direct mode), ``workers`` and ``reloader`` (with reload), the
+environment of the workers and of mongrel2 (glibc malloc tuning, :mod:`.memory`),
+and the flapping plugin.
 
 circus reads the file with its own parser, which differs from Python's
 configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
+from .reloader import check_available
 from .rundir import RunDir
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, _render
 
 #: Seconds between circusd's checks of its watchers: a crashed process is
 #: respawned within this delay.
@@ -79,7 +81,8 @@ def _command(argv: list[str]) -> str:
 def _check_settings_text(settings: Settings) -> None:
     """Every setting goes on the dispatcher's and workers' command line: check them all."""
     for name, value in settings.changed().items():
-        texts = [f"{k}={v}" for k, v in value] if isinstance(value, tuple) else [str(value)]
+        texts = [item if isinstance(item, str) else f"{item[0]}={item[1]}" for item in value] \
+            if isinstance(value, tuple) else [_render(value)]
         for text in texts:
             _check_text(name, value, text)
 
@@ -184,6 +187,20 @@ def _workers_section(settings: Settings) -> Section:
             "(circusctl incr/decr workers).", {**options, **_streams("workers")})
 
 
+def _reloader_section(settings: Settings) -> Section:
+    check_available(settings)
+    return ("watcher:reloader", "--reload: reloads the workers gracefully when the "
+            "application's files change (for development).", {
+                "cmd": _command(_python("circus_wsgi", "reloader", *settings.to_argv())),
+                "working_dir": _raw("chdir", settings.chdir, settings.chdir),
+                "singleton": "True",
+                "numprocesses": "1",
+                "priority": "0",
+                "copy_env": "True",
+                **_streams("reloader"),
+            })
+
+
 def _env_section(watcher: str, comment: str, env: dict[str, str]) -> Section:
     """``[env:WATCHER]``: ``env`` added to the watcher's environment, each value checked."""
     for name, value in env.items():
@@ -247,6 +264,8 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     if settings.mode == "dispatcher":
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
+    if settings.reload:
+        sections.append(_reloader_section(settings))
     sections += _env_sections(settings)
     sections.append(_flapping_section(settings))
     return sections

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from .callref import REFERENCE, arguments_taken, reference_of
+
 __all__ = ["Setting", "Settings", "SettingsError", "SETTINGS"]
 
 #: Longest path a Unix socket address may have (sun_path is 108 bytes with its NUL).
@@ -237,6 +239,50 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return convert
 
 
+#: The server hooks (gunicorn's) and their positional arguments, with the fewest a hook
+#: may take: post_request may leave out environ and resp, as in gunicorn.
+HOOK_ARGUMENTS: dict[str, tuple[tuple[str, ...], int]] = {
+    "on_starting": (("server",), 1), "when_ready": (("server",), 1),
+    "on_exit": (("server",), 1), "post_worker_init": (("worker",), 1),
+    "worker_exit": (("server", "worker"), 2), "pre_request": (("worker", "req"), 2),
+    "post_request": (("worker", "req", "environ", "resp"), 2),
+}
+
+
+def _hook(name: str) -> Callable[[Any], Any]:
+    """A server hook: a function, or a reference naming one (resolved where it runs)."""
+    arguments, fewest = HOOK_ARGUMENTS[name]
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if not REFERENCE.match(value):
+                raise ValueError("must be a function, or MODULE:NAME or FILE.py:NAME naming one")
+            return value
+        reference_of(value)  # the workers must be able to find it
+        arguments_taken(value, len(arguments), fewest)
+        return value
+
+    convert.kind = "function or MODULE:NAME"  # type: ignore[attr-defined]
+    return convert
+
+
+def _existing_paths(value: Any) -> tuple[str, ...]:
+    paths = [value] if isinstance(value, (str, os.PathLike)) else value
+    try:
+        paths = [os.path.abspath(path) for path in paths]
+    except TypeError:
+        raise ValueError("must be a list of paths") from None
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"{path} does not exist")
+    return tuple(paths)
+
+
+_existing_paths.kind = "list of existing files or directories"  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------
 
 
@@ -251,10 +297,12 @@ class Setting:
     help: str
     metavar: str = ""
     repeat: bool = False  # the flag may be given several times, building a list
+    switch: bool = False  # the flag takes no value: given, it sets True
+    cli: str = ""  # the flag, when it is not the name's (gunicorn's --reload-extra-file)
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.cli or "--" + self.name.replace("_", "-")
 
     @property
     def kind(self) -> str:
@@ -364,6 +412,45 @@ SETTINGS: tuple[Setting, ...] = (
        "Restarts tried after a crash loop before the watcher stays stopped.", "N"),
 )
 
+# -- server hooks (gunicorn's names, arguments and meanings; circus_wsgi.hooks calls them)
+_HOOKS = (
+    _S("on_starting", "server hooks", None, _hook("on_starting"),
+       "on_starting(server): called by serve before it starts anything. If it raises, "
+       "serve stops with one line (exit status 2).", "MODULE:NAME"),
+    _S("when_ready", "server hooks", None, _hook("when_ready"),
+       "when_ready(server): called by serve once the stack serves (mongrel2 listens and "
+       "a worker is ready).", "MODULE:NAME"),
+    _S("post_worker_init", "server hooks", None, _hook("post_worker_init"),
+       "post_worker_init(worker): called in each worker once it has loaded the "
+       "application, before it takes a request.", "MODULE:NAME"),
+    _S("pre_request", "server hooks", None, _hook("pre_request"),
+       "pre_request(worker, req): called in the worker just before the application "
+       "runs for a request.", "MODULE:NAME"),
+    _S("post_request", "server hooks", None, _hook("post_request"),
+       "post_request(worker, req, environ, resp): called in the worker once the "
+       "application's response is complete, also when the application failed (environ "
+       "and resp may be left out).", "MODULE:NAME"),
+    _S("worker_exit", "server hooks", None, _hook("worker_exit"),
+       "worker_exit(server, worker): called in a worker that stops cleanly, after its "
+       "last request.", "MODULE:NAME"),
+    _S("on_exit", "server hooks", None, _hook("on_exit"),
+       "on_exit(server): called by serve just before it exits.", "MODULE:NAME"),
+)
+
+# -- development
+_DEVELOPMENT = (
+    _S("reload", "development", False, _boolean,
+       "Reload the workers gracefully (no request fails) when a Python file under chdir "
+       "or of the application's packages changes; for development. Needs the watchfiles "
+       "package (pip install 'circus-wsgi[reload]') and the dispatcher mode.", "",
+       switch=True),
+    _S("reload_extra_files", "development", (), _existing_paths,
+       "A file or directory whose changes reload the workers too (templates and the "
+       "like), with reload.", "PATH", True, cli="--reload-extra-file"),
+)
+
+SETTINGS += _HOOKS + _DEVELOPMENT
+
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
@@ -400,12 +487,21 @@ class Settings:
                 if route in routes:
                     raise SettingsError(name, prefix, "another route has this URL prefix")
                 routes.add(route)
+        self._check_reload()
         if self.run_dir:
             longest = os.path.join(self.run_dir, "dispatcher.sock")
             if len(longest.encode()) > IPC_PATH_MAX - 8:
                 raise SettingsError(
                     "run_dir", self.run_dir,
                     f"too long for ipc sockets (keep it under {IPC_PATH_MAX - 30} bytes)")
+
+    def _check_reload(self) -> None:
+        if self.reload_extra_files and not self.reload:
+            raise SettingsError("reload_extra_files", self.reload_extra_files[0],
+                                "watched only with reload (--reload)")
+        if self.reload and self.mode == "direct":
+            raise SettingsError("reload", True, "needs mode 'dispatcher': in direct mode a "
+                                "reload loses the requests the old workers hold")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -455,9 +551,11 @@ class Settings:
             if name == "app" or name not in wanted:
                 continue
             setting = _BY_NAME[name]
-            if setting.repeat:
-                for key, val in value:
-                    argv += [setting.flag, f"{key}={val}"]
+            if setting.switch:
+                argv.append(setting.flag)
+            elif setting.repeat:
+                for item in value:
+                    argv += [setting.flag, item if isinstance(item, str) else "=".join(item)]
             else:
                 text = _render(value)  # "--flag=-x": argparse takes a lone "-x" for a flag
                 argv += [f"{setting.flag}={text}"] if text.startswith("-") else [setting.flag, text]
@@ -469,7 +567,7 @@ class Settings:
         if not os.path.isfile(path):
             raise SettingsError("settings", str(path), "file not found")
         try:
-            namespace = runpy.run_path(str(path))
+            namespace = runpy.run_path(os.path.abspath(path))  # hooks' FILE:NAME is absolute
         except SettingsError:
             raise
         except Exception as error:
@@ -493,6 +591,8 @@ class Settings:
 
 
 def _render(value: Any) -> str:
+    if callable(value):
+        return reference_of(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

@@ -38,7 +38,8 @@ def test_every_setting_is_declared_once_with_help_flag_and_kind() -> None:
     assert len(names) == len(set(names))
     for setting in SETTINGS:
         assert setting.help and setting.kind, setting.name
-        assert setting.flag == "--" + setting.name.replace("_", "-")
+        # the name's, unless gunicorn spells it otherwise (--reload-extra-file)
+        assert setting.flag == (setting.cli or "--" + setting.name.replace("_", "-"))
 
 
 def test_defaults_are_valid_values() -> None:
@@ -73,6 +74,10 @@ VALID = [
     ("mounts", ["/api=pkg:api"], (("/api", "pkg:api"),)),
     ("static", {"/s": STATIC}, (("/s", STATIC),)),
     ("static", [("/s/", "examples/static")], (("/s/", os.path.abspath("examples/static")),)),
+    ("reload", "yes", True), ("reload", False, False),
+    ("pre_request", "pkg.hooks:pre", "pkg.hooks:pre"),
+    ("on_exit", "/srv/site/settings.py:on_exit", "/srv/site/settings.py:on_exit"),
+    ("post_worker_init", None, None),
 ]
 
 
@@ -114,6 +119,11 @@ INVALID = [
     ("mounts", [("/a=b", "m:a")], "no space, = or ("), ("mounts", ["/a b=m:a"], "no space"),
     ("static", ["/s=/no/such/dir"], "does not exist"), ("static", ["/s"], "PREFIX=DIR"),
     ("static", {"s": STATIC}, "start with /"),
+    ("reload", "sometimes", "true or false"),
+    ("reload_extra_files", ["/no/such/file"], "does not exist"),
+    ("reload_extra_files", 5, "list of paths"),
+    ("pre_request", "hooks.pre", "MODULE:NAME or FILE.py:NAME"),
+    ("on_starting", 5, "must be a function"),
 ]
 
 
@@ -206,13 +216,23 @@ EVERY_SETTING = {
     "access_log_format": "-%(h)s \"%(r)s\" 'q'", "log_level": "debug",
     "flapping_attempts": 5, "flapping_window": 2.5, "flapping_retry_in": 0,
     "flapping_max_retry": 0,
+    "on_starting": "site_hooks:on_starting", "when_ready": "/srv/site.py:when_ready",
+    "post_worker_init": "site_hooks:post_worker_init", "pre_request": "site_hooks:pre",
+    "post_request": "site_hooks:post", "worker_exit": "site_hooks:worker_exit",
+    "on_exit": "/srv/a dir/site.py:on_exit",
 }
+#: reload refuses direct mode: the reload settings round-trip with the dispatcher's.
+WITH_RELOAD = {"mode": "dispatcher", "reload": True,
+               "reload_extra_files": [STATIC, str(HERE / "serve_apps.py")]}
 
 
-def test_every_setting_round_trips_through_the_command_line() -> None:
-    assert set(EVERY_SETTING) == {s.name for s in SETTINGS}
-    settings = Settings(**EVERY_SETTING)
-    assert set(settings.changed()) == set(EVERY_SETTING)
+@pytest.mark.parametrize("values", [EVERY_SETTING, {**EVERY_SETTING, **WITH_RELOAD}],
+                         ids=["direct", "reload"])
+def test_every_setting_round_trips_through_the_command_line(values: dict) -> None:
+    assert set(EVERY_SETTING) | set(WITH_RELOAD) == {s.name for s in SETTINGS}
+    settings = Settings(**values)
+    defaults = {name for name, value in values.items() if value == "dispatcher"}  # mode
+    assert set(settings.changed()) == set(values) - defaults
     assert from_cli(settings.to_argv()) == settings
 
 
@@ -289,6 +309,11 @@ CLI_ERRORS = {  # kind of bad value: (arguments, setting named)
     "bad value in settings file": (["--settings", "{bad_file}"], "threads"),
     "circus.ini cannot hold it": ([APP, "--env", "A=$HOME"], "env"),
     "no app": ([], "app"),
+    "reload in direct mode": ([APP, "--reload", "--mode", "direct"], "reload"),
+    "extra file without reload": ([APP, "--reload-extra-file", "/tmp"], "reload_extra_files"),
+    "missing extra file": ([APP, "--reload", "--reload-extra-file", "/no/such"],
+                           "reload_extra_files"),
+    "hook": ([APP, "--pre-request", "hooks.pre_request"], "pre_request"),
 }
 
 
