@@ -84,6 +84,7 @@ class Server:
 
     @property
     def num_workers(self) -> int:
+        """The setting workers (``circusctl incr/decr workers`` change the live number)."""
         return self.cfg.workers
 
 
