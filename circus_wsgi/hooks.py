@@ -199,8 +199,9 @@ class ServerHooks(_Hooks):
     """on_starting, when_ready and on_exit for ``circus-wsgi serve``."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.chdir not in sys.path:  # MODULE:NAME hooks import as gunicorn's master does
-            sys.path.insert(0, settings.chdir)
+        named = [getattr(settings, name) for name in SERVE_ONLY]
+        if any(isinstance(value, str) for value in named) and settings.chdir not in sys.path:
+            sys.path.insert(0, settings.chdir)  # MODULE:NAME imports as gunicorn's master does
         super().__init__(settings, SERVE_ONLY)
         server_log = logging.getLogger("circus_wsgi.server")
         if any(self.hooks.values()) and not server_log.handlers:

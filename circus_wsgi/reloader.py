@@ -32,7 +32,7 @@ from circus.client import CircusClient
 from circus.exc import CallError
 
 from .appload import AppLoadError, prepare_path
-from .exits import EXIT_OK, EXIT_USAGE
+from .exits import EXIT_USAGE
 from .lifeline import die_with_parent
 from .rundir import RunDir
 from .settings import Settings, SettingsError
@@ -44,6 +44,8 @@ log = logging.getLogger("circus_wsgi.reloader")
 #: Milliseconds without a new change before a burst of changes is acted on (an editor
 #: or a checkout writes several files), and the longest a burst is gathered.
 QUIET_MS, GATHER_MS = 50, 400
+#: Exit status when the file watcher stops (a crash: circus starts the reloader again).
+EXIT_FAILED = 1
 #: How long circusd may stay busy with another command before the reload is given up.
 BUSY_FOR = 10.0
 
@@ -101,22 +103,28 @@ def watched(settings: Settings) -> tuple[list[str], list[str], Callable[[Any, st
 
 def _changes(trees: list[str], alone: list[str], counts: Callable[[Any, str], bool]
              ) -> Iterator[set[tuple[Any, str]]]:
-    """The changes that count, a burst at a time, from one watcher per kind of directory."""
+    """The changes that count, a burst at a time, from one watcher per kind of directory;
+    it ends if a watcher does (its error logged)."""
     import watchfiles
 
     bursts: queue.SimpleQueue = queue.SimpleQueue()
 
     def watch(paths: list[str], recursive: bool) -> None:
-        for changes in watchfiles.watch(*paths, watch_filter=counts, recursive=recursive,
-                                        step=QUIET_MS, debounce=GATHER_MS,
-                                        raise_interrupt=False):
-            bursts.put(changes)
+        try:
+            for changes in watchfiles.watch(*paths, watch_filter=counts, recursive=recursive,
+                                            step=QUIET_MS, debounce=GATHER_MS,
+                                            raise_interrupt=False):
+                bursts.put(changes)
+        except Exception:
+            log.exception("watching %s failed", ", ".join(paths))
+        finally:
+            bursts.put(None)
 
     for paths, recursive in ((trees, True), (alone, False)):
         if paths:
             threading.Thread(target=watch, args=(paths, recursive), daemon=True).start()
-    while True:
-        yield bursts.get()
+    while (changes := bursts.get()) is not None:
+        yield changes
 
 
 def _reload_workers(endpoint: str) -> None:
@@ -164,11 +172,12 @@ def run_reloader(settings: Settings) -> int:
     roots = trees + alone
     log.warning("reloader on (for development): watching %s", ", ".join(roots))
     for changes in _changes(trees, alone, counts):
-        log.info("%s changed: reloading the workers", _names(changes, roots))
+        log.warning("%s changed: reloading the workers", _names(changes, roots))  # as uvicorn
         try:
             check_app(settings)
         except (ServeError, SettingsError) as error:
             log.error("not reloading, the workers go on with the old code: %s", error)
             continue
         _reload_workers(endpoint)
-    return EXIT_OK
+    log.error("the file watcher stopped: the reloader exits (circus starts it again)")
+    return EXIT_FAILED

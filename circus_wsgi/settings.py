@@ -413,29 +413,23 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 # -- server hooks (gunicorn's names, arguments and meanings; circus_wsgi.hooks calls them)
-_HOOKS = (
-    _S("on_starting", "server hooks", None, _hook("on_starting"),
-       "on_starting(server): called by serve before it starts anything. If it raises, "
-       "serve stops with one line (exit status 2).", "MODULE:NAME"),
-    _S("when_ready", "server hooks", None, _hook("when_ready"),
-       "when_ready(server): called by serve once the stack serves (mongrel2 listens and "
-       "a worker is ready).", "MODULE:NAME"),
-    _S("post_worker_init", "server hooks", None, _hook("post_worker_init"),
-       "post_worker_init(worker): called in each worker once it has loaded the "
-       "application, before it takes a request.", "MODULE:NAME"),
-    _S("pre_request", "server hooks", None, _hook("pre_request"),
-       "pre_request(worker, req): called in the worker just before the application "
-       "runs for a request.", "MODULE:NAME"),
-    _S("post_request", "server hooks", None, _hook("post_request"),
-       "post_request(worker, req, environ, resp): called in the worker once the "
-       "application's response is complete, also when the application failed (environ "
-       "and resp may be left out).", "MODULE:NAME"),
-    _S("worker_exit", "server hooks", None, _hook("worker_exit"),
-       "worker_exit(server, worker): called in a worker that stops cleanly, after its "
-       "last request.", "MODULE:NAME"),
-    _S("on_exit", "server hooks", None, _hook("on_exit"),
-       "on_exit(server): called by serve just before it exits.", "MODULE:NAME"),
-)
+_HOOK_HELP = {
+    "on_starting": "called by serve before it starts anything. If it raises, serve stops "
+                   "with one line (exit status 2).",
+    "when_ready": "called by serve once the stack serves (mongrel2 listens and a worker "
+                  "is ready).",
+    "post_worker_init": "called in each worker once it has loaded the application, before "
+                        "it takes a request.",
+    "pre_request": "called in the worker just before the application runs for a request.",
+    "post_request": "called in the worker once the application's response is complete, "
+                    "also when the application failed (environ and resp may be left out).",
+    "worker_exit": "called in a worker that stops cleanly, after its last request.",
+    "on_exit": "called by serve just before it exits.",
+}
+_HOOKS = tuple(
+    _S(name, "server hooks", None, _hook(name),
+       f"{name}({', '.join(HOOK_ARGUMENTS[name][0])}): {text}", "MODULE:NAME")
+    for name, text in _HOOK_HELP.items())
 
 # -- development
 _DEVELOPMENT = (
