@@ -27,7 +27,7 @@ from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
 from .reloader import check_available
 from .rundir import RunDir
-from .settings import Settings, SettingsError, _render
+from .settings import Settings, SettingsError, _render, _render_item
 
 #: Seconds between circusd's checks of its watchers: a crashed process is
 #: respawned within this delay.
@@ -81,8 +81,8 @@ def _command(argv: list[str]) -> str:
 def _check_settings_text(settings: Settings) -> None:
     """Every setting goes on the dispatcher's and workers' command line: check them all."""
     for name, value in settings.changed().items():
-        texts = [item if isinstance(item, str) else f"{item[0]}={item[1]}" for item in value] \
-            if isinstance(value, tuple) else [_render(value)]
+        texts = [_render_item(item) for item in value] if isinstance(value, tuple) \
+            else [_render(value)]
         for text in texts:
             _check_text(name, value, text)
 

@@ -27,8 +27,8 @@ def _config(settings: Settings, args: argparse.Namespace) -> int:
     from .hooks import serve_only
 
     paths = settings.write(args.out)
-    if serve_only(settings):
-        names = serve_only(settings)
+    names = serve_only(settings)
+    if names:
         listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         print(f"circus-wsgi: warning: {listed} run{'s' * (len(names) == 1)} only under "
               "circus-wsgi serve, not under circusd", file=sys.stderr)

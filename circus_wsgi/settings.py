@@ -549,7 +549,7 @@ class Settings:
                 argv.append(setting.flag)
             elif setting.repeat:
                 for item in value:
-                    argv += [setting.flag, item if isinstance(item, str) else "=".join(item)]
+                    argv += [setting.flag, _render_item(item)]
             else:
                 text = _render(value)  # "--flag=-x": argparse takes a lone "-x" for a flag
                 argv += [f"{setting.flag}={text}"] if text.startswith("-") else [setting.flag, text]
@@ -582,6 +582,11 @@ class Settings:
         from .deploy import write_configs  # the generators import Settings
 
         return write_configs(self, Path(directory))
+
+
+def _render_item(item: str | tuple[str, str]) -> str:
+    """One item of a repeatable setting as its flag takes it: a path, or KEY=VALUE."""
+    return item if isinstance(item, str) else "=".join(item)
 
 
 def _render(value: Any) -> str:
