@@ -44,6 +44,8 @@ log = logging.getLogger("circus_wsgi.reloader")
 #: Milliseconds without a new change before a burst of changes is acted on (an editor
 #: or a checkout writes several files), and the longest a burst is gathered.
 QUIET_MS, GATHER_MS = 50, 400
+#: Milliseconds between the file watchers' wake-ups while nothing changes.
+WAKE_MS = 250
 #: Exit status when the file watcher stops (a crash: circus starts the reloader again).
 EXIT_FAILED = 1
 #: How long circusd may stay busy with another command before the reload is given up.
@@ -104,25 +106,38 @@ def watched(settings: Settings) -> tuple[list[str], list[str], Callable[[Any, st
 def _changes(trees: list[str], alone: list[str], counts: Callable[[Any, str], bool]
              ) -> Iterator[set[tuple[Any, str]]]:
     """The changes that count, a burst at a time, from one watcher per kind of directory;
-    it ends if a watcher does (its error logged)."""
+    it ends if a watcher does (its error logged). It returns once every watcher watches:
+    a change made after that is seen."""
     import watchfiles
 
     bursts: queue.SimpleQueue = queue.SimpleQueue()
+    kinds = [(paths, recursive) for paths, recursive in ((trees, True), (alone, False))
+             if paths]
+    ready = [threading.Event() for _ in kinds]
 
-    def watch(paths: list[str], recursive: bool) -> None:
-        try:
+    def watch(paths: list[str], recursive: bool, watching: threading.Event) -> None:
+        try:  # watchfiles yields an empty set after each quiet WAKE_MS: the first, ready
             for changes in watchfiles.watch(*paths, watch_filter=counts, recursive=recursive,
                                             step=QUIET_MS, debounce=GATHER_MS,
+                                            rust_timeout=WAKE_MS, yield_on_timeout=True,
                                             raise_interrupt=False):
-                bursts.put(changes)
+                watching.set()
+                if changes:
+                    bursts.put(changes)
         except Exception:
             log.exception("watching %s failed", ", ".join(paths))
         finally:
             bursts.put(None)
+            watching.set()
 
-    for paths, recursive in ((trees, True), (alone, False)):
-        if paths:
-            threading.Thread(target=watch, args=(paths, recursive), daemon=True).start()
+    for (paths, recursive), watching in zip(kinds, ready):
+        threading.Thread(target=watch, args=(paths, recursive, watching), daemon=True).start()
+    for watching in ready:
+        watching.wait()
+    return _bursts(bursts)
+
+
+def _bursts(bursts: queue.SimpleQueue) -> Iterator[set[tuple[Any, str]]]:
     while (changes := bursts.get()) is not None:
         yield changes
 
@@ -170,8 +185,9 @@ def run_reloader(settings: Settings) -> int:
         return EXIT_USAGE
     endpoint = settings.endpoint or RunDir(Path(settings.run_dir)).circus_endpoint
     roots = trees + alone
+    changed = _changes(trees, alone, counts)
     log.warning("reloader on (for development): watching %s", ", ".join(roots))
-    for changes in _changes(trees, alone, counts):
+    for changes in changed:
         log.warning("%s changed: reloading the workers", _names(changes, roots))  # as uvicorn
         try:
             check_app(settings)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from watchfiles import Change
@@ -53,15 +53,26 @@ def write_app(project: Path, greeting: str) -> None:
 def serve_reloading(project: Path, *flags: str) -> Serve:
     served = start_serve(project, "--reload", "--chdir", str(project), *flags,
                          app="reload_app:app")
-    served.process.wait_output("reloader on (for development): watching", 20)
+    expect(served, lambda: "reloader on (for development): watching" in served.output(),
+           "the reloader to watch")
     return served
+
+
+def expect(served: Serve, condition: Callable[[], object], what: str,
+           timeout: float = 20.0) -> None:
+    """Wait for ``condition``; on a timeout, fail with the end of serve's output."""
+    try:
+        wait_for(condition, timeout, 0.02, what)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; serve's output ends:\n{served.output()[-4000:]}"
+                             ) from None
 
 
 def changed_within(served: Serve, expected: bytes, timeout: float = 10.0) -> float:
     """Seconds until ``/`` answers ``expected`` first (AssertionError past ``timeout``)."""
     started = time.monotonic()
-    wait_for(lambda: served.get("/").body.startswith(expected), timeout, 0.02,
-             f"the answer {expected!r}")
+    expect(served, lambda: served.get("/").body.startswith(expected), f"the answer {expected!r}",
+           timeout)
     return time.monotonic() - started
 
 
@@ -131,7 +142,8 @@ def test_a_broken_edit_leaves_the_old_workers_serving(project: Path) -> None:
     served = serve_reloading(project)
     try:
         (project / "reload_app.py").write_text("GREETING = 'unfinished\n")
-        served.process.wait_output("not reloading, the workers go on with the old code", 20)
+        expect(served, lambda: "not reloading, the workers go on with the old code" in
+               served.output(), "the reloader to refuse the broken edit")
         assert served.get("/").body.startswith(b"one plain")
         write_app(project, "three")
         changed_within(served, b"three plain")
