@@ -3,11 +3,12 @@
 This module owns the circus side of a deployment: circusd's own endpoints (ipc
 sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-stats
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
-``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
-and of mongrel2 (glibc malloc tuning, :mod:`.memory`; the library path of a mongrel2
-in a prefix of its own, :mod:`.mongrel2_binary`), the flapping and autoscaling
-plugins, the metrics endpoint, the user every process but circusd runs as
-(:mod:`.privileges`), and the plain-HTTP port that redirects to HTTPS (:mod:`.redirect`).
+``dispatcher`` (not in direct mode), ``workers`` and ``reloader`` (with reload), the
+environment of the workers and of mongrel2 (glibc malloc tuning, :mod:`.memory`; the
+library path of a mongrel2 in a prefix of its own, :mod:`.mongrel2_binary`), the
+flapping and autoscaling plugins, the metrics endpoint, the user every process but
+circusd runs as (:mod:`.privileges`), and the plain-HTTP port that redirects to HTTPS
+(:mod:`.redirect`).
 
 circus reads the file with its own parser, which differs from Python's
 configparser: values are stripped, `` ;`` starts a comment, ``$(circus.x)`` and
@@ -31,8 +32,9 @@ from . import privileges
 from .memory import glibc_tunables
 from .mongrel2 import MONGREL2_WORKING_DIR, require_resolved
 from .mongrel2_binary import Mongrel2Binary, locate
+from .reloader import check_available
 from .rundir import RunDir
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, _render, _render_item
 
 #: Seconds between circusd's checks of its watchers: a crashed process is
 #: respawned within this delay.
@@ -90,7 +92,8 @@ def _command(argv: list[str]) -> str:
 def _check_settings_text(settings: Settings) -> None:
     """Every setting goes on the dispatcher's and workers' command line: check them all."""
     for name, value in settings.changed().items():
-        texts = [f"{k}={v}" for k, v in value] if isinstance(value, tuple) else [str(value)]
+        texts = [_render_item(item) for item in value] if isinstance(value, tuple) \
+            else [_render(value)]
         for text in texts:
             _check_text(name, value, text)
 
@@ -249,6 +252,21 @@ def _redirect_sections(settings: Settings) -> list[Section]:
         })]
 
 
+def _reloader_section(settings: Settings) -> Section:
+    check_available(settings)
+    return ("watcher:reloader", "--reload: reloads the workers gracefully when the "
+            "application's files change (for development).", {
+                "cmd": _command(_python("circus_wsgi", "reloader", *settings.to_argv())),
+                "working_dir": _raw("chdir", settings.chdir, settings.chdir),
+                "singleton": "True",
+                "numprocesses": "1",
+                "priority": "0",
+                "copy_env": "True",
+                **_run_as(settings),
+                **_streams("reloader"),
+            })
+
+
 def _env_section(watcher: str, comment: str, env: dict[str, str]) -> Section:
     """``[env:WATCHER]``: ``env`` added to the watcher's environment, each value checked."""
     for name, value in env.items():
@@ -362,6 +380,8 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     sections.append(_workers_section(settings))
     if settings.metrics:
         sections.append(_metrics_section(settings, run))
+    if settings.reload:
+        sections.append(_reloader_section(settings))
     sections += _redirect_sections(settings)
     sections += _env_sections(settings, binary)
     sections.append(_flapping_section(settings, run))

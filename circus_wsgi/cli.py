@@ -1,4 +1,4 @@
-"""The ``circus-wsgi`` command: serve, config, worker, dispatcher, status.
+"""The ``circus-wsgi`` command: serve, config, worker, dispatcher, reloader, status.
 
 Every subcommand takes the same setting flags, made from
 :data:`circus_wsgi.settings.SETTINGS`; ``--settings FILE`` loads a Python
@@ -24,6 +24,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _config(settings: Settings, args: argparse.Namespace) -> int:
+    from .deploy import write_configs
+    from .hooks import serve_only
     from .privileges import check_switch
     from .serve import ServeError, check_app
 
@@ -34,9 +36,12 @@ def _config(settings: Settings, args: argparse.Namespace) -> int:
         except ServeError as error:
             print(f"circus-wsgi: error: {error}", file=sys.stderr)
             return USAGE_ERROR
-    from .deploy import write_configs
-
     paths = write_configs(settings, args.out)
+    names = serve_only(settings)
+    if names:
+        listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+        print(f"circus-wsgi: warning: {listed} run{'s' * (len(names) == 1)} only under "
+              "circus-wsgi serve, not under circusd", file=sys.stderr)
     for name, path in paths.items():
         print(f"wrote {path}")
     return 0
@@ -60,6 +65,12 @@ def _metrics(settings: Settings, args: argparse.Namespace) -> int:
     return run_metrics(settings)
 
 
+def _reloader(settings: Settings, args: argparse.Namespace) -> int:
+    from .reloader import run_reloader
+
+    return run_reloader(settings)
+
+
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from .status import print_status
 
@@ -72,6 +83,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[Settings, argparse.Namespace], int]]] 
     "worker": ("run one worker (what circus runs for the workers watcher)", _worker),
     "dispatcher": ("run the dispatcher (what circus runs for the dispatcher watcher)",
                    _dispatcher),
+    "reloader": ("watch the application's files and reload the workers when one changes "
+                 "(what circus runs for --reload)", _reloader),
     "status": ("print the dispatcher's counters: queue, busy and idle workers, 5xx", _status),
     "metrics": ("serve GET /metrics for Prometheus (what circus runs for the metrics "
                 "watcher)", _metrics),
@@ -89,10 +102,15 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         group = groups.setdefault(setting.section,
                                   parser.add_argument_group(f"{setting.section} settings"))
+        help_text = f"{setting.help} (default: {_show_default(setting.default)})"
+        if setting.switch:
+            group.add_argument(setting.flag, dest=setting.name, action="store_const",
+                               const=True, default=argparse.SUPPRESS, help=help_text)
+            continue
         group.add_argument(
             setting.flag, dest=setting.name, metavar=setting.metavar or None,
             action="append" if setting.repeat else "store", default=argparse.SUPPRESS,
-            help=f"{setting.help} (default: {_show_default(setting.default)})")
+            help=help_text)
 
 
 def _show_default(value: object) -> str:

@@ -28,9 +28,9 @@ Worker -> dispatcher:
     ids of the connections whose response is complete: those requests are
     finished and their slots free; ``statuses`` their HTTP statuses, in the
     same order. ``started`` is the ids of those whose response has begun but
-    not ended: their ``timeout`` no longer applies. Any may be empty. A worker sends one OUTPUT for all it has to say when
-    it runs out of work or before it waits, so under load one message carries
-    many responses.
+    not ended: their ``timeout`` no longer applies. Any may be empty. A worker
+    sends one OUTPUT for all it has to say when it runs out of work or before it
+    waits, so under load one message carries many responses.
 ``RETURN conn_id...``
     I have not started these requests: give them to other workers. A worker
     sends it for the requests it holds beyond its threads (the dispatcher's

@@ -44,6 +44,7 @@ from . import privileges, tls
 from .deploy import write_configs
 from .exits import EXIT_OK, EXIT_USAGE
 from .flapping import describe
+from .hooks import HookFailed, ServerHooks
 from .lifeline import die_with_parent
 from .mongrel2_binary import usable_mongrel2
 from .rundir import RunDir
@@ -422,7 +423,23 @@ def preflight(settings: Settings) -> tuple[Settings, bool]:
 
 
 def serve(settings: Settings) -> int:
-    """Run the stack in the foreground until Ctrl-C or SIGTERM; return the exit status."""
+    """Run the stack in the foreground until Ctrl-C or SIGTERM; return the exit status.
+
+    The server hooks on_starting (before anything), when_ready (once it serves) and
+    on_exit (last) run here (:mod:`.hooks`)."""
+    server_hooks = ServerHooks(settings)
+    try:
+        server_hooks.on_starting()
+    except HookFailed as error:
+        print(f"circus-wsgi: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run(settings, server_hooks)
+    finally:
+        server_hooks.on_exit()
+
+
+def _run(settings: Settings, server_hooks: ServerHooks) -> int:
     try:
         settings, created = preflight(settings)
     except ServeError as error:
@@ -447,6 +464,7 @@ def serve(settings: Settings) -> int:
             return 1
         if not stack.stop_requested:
             _announce(settings)
+            server_hooks.when_ready(settings)
         status = stack.wait()
         if stack.stop_requested:
             return EXIT_OK

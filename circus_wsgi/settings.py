@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .rundir import IPC_PATH_MAX, RUN_DIR_MAX
 
+from .callref import REFERENCE, arguments_taken, reference_of
+
 __all__ = ["Setting", "Settings", "SettingsError", "SETTINGS"]
 
 #: The cipher suites mongrel2 offers by default (setting ciphers), in mbedTLS's names:
@@ -344,6 +346,50 @@ def _address_list(value: Any) -> str:
 _address_list.kind = "addresses"  # type: ignore[attr-defined]
 
 
+#: The server hooks (gunicorn's) and their positional arguments, with the fewest a hook
+#: may take: post_request may leave out environ and resp, as in gunicorn.
+HOOK_ARGUMENTS: dict[str, tuple[tuple[str, ...], int]] = {
+    "on_starting": (("server",), 1), "when_ready": (("server",), 1),
+    "on_exit": (("server",), 1), "post_worker_init": (("worker",), 1),
+    "worker_exit": (("server", "worker"), 2), "pre_request": (("worker", "req"), 2),
+    "post_request": (("worker", "req", "environ", "resp"), 2),
+}
+
+
+def _hook(name: str) -> Callable[[Any], Any]:
+    """A server hook: a function, or a reference naming one (resolved where it runs)."""
+    arguments, fewest = HOOK_ARGUMENTS[name]
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if not REFERENCE.match(value):
+                raise ValueError("must be a function, or MODULE:NAME or FILE.py:NAME naming one")
+            return value
+        reference_of(value)  # the workers must be able to find it
+        arguments_taken(value, len(arguments), fewest)
+        return value
+
+    convert.kind = "function or MODULE:NAME"  # type: ignore[attr-defined]
+    return convert
+
+
+def _existing_paths(value: Any) -> tuple[str, ...]:
+    paths = [value] if isinstance(value, (str, os.PathLike)) else value
+    try:
+        paths = [os.path.abspath(path) for path in paths]
+    except TypeError:
+        raise ValueError("must be a list of paths") from None
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"{path} does not exist")
+    return tuple(paths)
+
+
+_existing_paths.kind = "list of existing files or directories"  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------
 
 
@@ -359,10 +405,12 @@ class Setting:
     metavar: str = ""
     repeat: bool = False  # the flag may be given several times, building a list
     secret: bool = False  # never on a command line (others can read those): see to_argv
+    switch: bool = False  # the flag takes no value: given, it sets True
+    cli: str = ""  # the flag, when it is not the name's (gunicorn's --reload-extra-file)
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.cli or "--" + self.name.replace("_", "-")
 
     @property
     def kind(self) -> str:
@@ -526,6 +574,39 @@ SETTINGS: tuple[Setting, ...] = (
        "other peer those headers reach the app unchanged but change nothing.", "ADDRESSES"),
 )
 
+# -- server hooks (gunicorn's names, arguments and meanings; circus_wsgi.hooks calls them)
+_HOOK_HELP = {
+    "on_starting": "called by serve before it starts anything. If it raises, serve stops "
+                   "with one line (exit status 2).",
+    "when_ready": "called by serve once the stack serves (mongrel2 listens and a worker "
+                  "is ready).",
+    "post_worker_init": "called in each worker once it has loaded the application, before "
+                        "it takes a request.",
+    "pre_request": "called in the worker just before the application runs for a request.",
+    "post_request": "called in the worker once the application's response is complete, "
+                    "also when the application failed (environ and resp may be left out).",
+    "worker_exit": "called in a worker that stops cleanly, after its last request.",
+    "on_exit": "called by serve just before it exits.",
+}
+_HOOKS = tuple(
+    _S(name, "server hooks", None, _hook(name),
+       f"{name}({', '.join(HOOK_ARGUMENTS[name][0])}): {text}", "MODULE:NAME")
+    for name, text in _HOOK_HELP.items())
+
+# -- development
+_DEVELOPMENT = (
+    _S("reload", "development", False, _boolean,
+       "Reload the workers gracefully (no request fails) when a Python file under chdir "
+       "or of the application's packages changes; for development. Needs the watchfiles "
+       "package (pip install 'circus-wsgi[reload]') and the dispatcher mode.", "",
+       switch=True),
+    _S("reload_extra_files", "development", (), _existing_paths,
+       "A file or directory whose changes reload the workers too (templates and the "
+       "like), with reload.", "PATH", True, cli="--reload-extra-file"),
+)
+
+SETTINGS += _HOOKS + _DEVELOPMENT
+
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
@@ -563,6 +644,7 @@ class Settings:
                     raise SettingsError(name, prefix, "another route has this URL prefix")
                 routes.add(route)
         _check_security(self._values)
+        self._check_reload()
         if self.run_dir and len(self.run_dir.encode()) > RUN_DIR_MAX:
             raise SettingsError("run_dir", self.run_dir,
                                 f"too long for ipc sockets: at most {RUN_DIR_MAX} bytes")
@@ -592,6 +674,14 @@ class Settings:
         if not self.autoscaling:
             return self.workers
         return self.workers if "workers" in self.changed() else self.workers_min
+
+    def _check_reload(self) -> None:
+        if self.reload_extra_files and not self.reload:
+            raise SettingsError("reload_extra_files", self.reload_extra_files[0],
+                                "watched only with reload (--reload)")
+        if self.reload and self.mode == "direct":
+            raise SettingsError("reload", True, "needs mode 'dispatcher': in direct mode a "
+                                "reload loses the requests the old workers hold")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -642,9 +732,11 @@ class Settings:
             setting = _BY_NAME[name]
             if name == "app" or name not in wanted or setting.secret:
                 continue
-            if setting.repeat:
-                for key, val in value:
-                    argv += [setting.flag, f"{key}={val}"]
+            if setting.switch:
+                argv.append(setting.flag)
+            elif setting.repeat:
+                for item in value:
+                    argv += [setting.flag, _render_item(item)]
             else:
                 text = _render(value)  # "--flag=-x": argparse takes a lone "-x" for a flag
                 argv += [f"{setting.flag}={text}"] if text.startswith("-") else [setting.flag, text]
@@ -656,7 +748,7 @@ class Settings:
         if not os.path.isfile(path):
             raise SettingsError("settings", str(path), "file not found")
         try:
-            namespace = runpy.run_path(str(path))
+            namespace = runpy.run_path(os.path.abspath(path))  # hooks' FILE:NAME is absolute
         except SettingsError:
             raise
         except Exception as error:
@@ -688,7 +780,14 @@ def _check_security(values: dict[str, Any]) -> None:
         raise SettingsError("group", values["group"], "needs user too")
 
 
+def _render_item(item: str | tuple[str, str]) -> str:
+    """One item of a repeatable setting as its flag takes it: a path, or KEY=VALUE."""
+    return item if isinstance(item, str) else "=".join(item)
+
+
 def _render(value: Any) -> str:
+    if callable(value):
+        return reference_of(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

@@ -60,7 +60,7 @@ import zmq
 
 
 from . import dispatch_protocol as dp
-from . import exits, framing, httpmsg, protocol
+from . import exits, framing, hooks, httpmsg, protocol
 from .accesslog import AccessLog, Entry
 from .appload import AppLoadError, load_app, load_mounts, prepare_path
 from .board import Board, board_path
@@ -440,6 +440,10 @@ class DirectLink:
 class Worker:
     """One worker process's loop. ``run()`` serves until stopped and returns the exit status."""
 
+    #: What each request runs in: :mod:`hooks` gives a subclass that calls
+    #: pre_request and post_request, when they are set.
+    exchange_type = Exchange
+
     def __init__(self, settings: Settings, router: Router, access: AccessLog,
                  context: Optional[zmq.Context] = None) -> None:
         self.settings, self.router, self.access = settings, router, access
@@ -807,8 +811,8 @@ class Worker:
             site = self.router.site(message)
             environ = site.environ(message, body, length)
             headers = message.headers
-            exchange = Exchange(outbox, headers[b"METHOD"], wants_keep_alive(message),
-                                headers.get(b"VERSION") == b"HTTP/1.0")
+            exchange = self.exchange_type(outbox, headers[b"METHOD"], wants_keep_alive(message),
+                                          headers.get(b"VERSION") == b"HTTP/1.0")
             if inline:
                 if self.ticking and not self.timer_on:
                     signal.setitimer(signal.ITIMER_REAL, FLUSH_AFTER, FLUSH_AFTER)
@@ -998,12 +1002,16 @@ def run_worker(settings: Settings) -> int:
     try:
         router = build_router(settings)
         access = AccessLog(settings.access_log, settings.access_log_format)
+        worker_hooks = hooks.WorkerHooks(settings)
         worker = Worker(settings, router, access)
+        worker_hooks.install(worker)
     except (AppLoadError, ValueError, OSError) as error:
         print("circus-wsgi worker: " + " ".join(str(error).split()), file=sys.stderr)
         return exits.EXIT_USAGE
+    worker_hooks.post_worker_init()
     try:
         return worker.run()
     finally:
+        worker_hooks.worker_exit()
         worker.close()
         access.close()

@@ -245,3 +245,19 @@ def test_unresolved_settings_are_refused(run_dir: Path) -> None:
 def test_the_file_says_it_was_generated(run_dir: Path, settings: Settings) -> None:
     text = circus_ini(settings, run_dir / "config.sqlite")
     assert text.startswith("# circus.ini written by circus-wsgi from its Settings.")
+
+
+def test_reload_adds_the_reloader_watcher(run_dir: Path, settings: Settings) -> None:
+    assert "reloader" not in watchers(load(run_dir, settings))
+    reloading = settings.replace(reload=True, reload_extra_files=[str(HERE / "serve_apps.py")])
+    reloader = watchers(load(run_dir, reloading))["reloader"]
+    assert settings_from_cmd(reloader["cmd"], "reloader") == reloading
+    assert reloader["singleton"] is True and reloader["working_dir"] == str(HERE)
+    assert reloader["stderr_stream"]["prefix"] == "reloader"
+
+
+def test_a_hook_reaches_the_workers_by_its_reference(run_dir: Path) -> None:
+    settings = resolved(run_dir, post_request=f"{run_dir}/odd ;dir/site.py:post_request",
+                        post_worker_init="site_hooks:post_worker_init")
+    workers = watchers(load(run_dir, settings))["workers"]
+    assert settings_from_cmd(workers["cmd"], "worker") == settings

@@ -39,7 +39,8 @@ def test_every_setting_is_declared_once_with_help_flag_and_kind() -> None:
     assert len(names) == len(set(names))
     for setting in SETTINGS:
         assert setting.help and setting.kind, setting.name
-        assert setting.flag == "--" + setting.name.replace("_", "-")
+        # the name's, unless gunicorn spells it otherwise (--reload-extra-file)
+        assert setting.flag == (setting.cli or "--" + setting.name.replace("_", "-"))
 
 
 def test_defaults_are_valid_values() -> None:
@@ -74,6 +75,10 @@ VALID = [
     ("mounts", ["/api=pkg:api"], (("/api", "pkg:api"),)),
     ("static", {"/s": STATIC}, (("/s", STATIC),)),
     ("static", [("/s/", "examples/static")], (("/s/", os.path.abspath("examples/static")),)),
+    ("reload", "yes", True), ("reload", False, False),
+    ("pre_request", "pkg.hooks:pre", "pkg.hooks:pre"),
+    ("on_exit", "/srv/site/settings.py:on_exit", "/srv/site/settings.py:on_exit"),
+    ("post_worker_init", None, None),
 ]
 
 
@@ -115,6 +120,11 @@ INVALID = [
     ("mounts", [("/a=b", "m:a")], "no space, = or ("), ("mounts", ["/a b=m:a"], "no space"),
     ("static", ["/s=/no/such/dir"], "does not exist"), ("static", ["/s"], "PREFIX=DIR"),
     ("static", {"s": STATIC}, "start with /"),
+    ("reload", "sometimes", "true or false"),
+    ("reload_extra_files", ["/no/such/file"], "does not exist"),
+    ("reload_extra_files", 5, "list of paths"),
+    ("pre_request", "hooks.pre", "MODULE:NAME or FILE.py:NAME"),
+    ("on_starting", 5, "must be a function"),
 ]
 
 
@@ -226,7 +236,14 @@ EVERY_SETTING = {
     "certfile": "/etc/ssl/site.pem", "keyfile": "/etc/ssl/site.key",
     "ciphers": "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256", "user": "nobody", "group": "nogroup",
     "forwarded_allow_ips": "10.0.0.0/8,*", "http_redirect": "0.0.0.0:80",
+    "on_starting": "site_hooks:on_starting", "when_ready": "/srv/site.py:when_ready",
+    "post_worker_init": "site_hooks:post_worker_init", "pre_request": "site_hooks:pre",
+    "post_request": "site_hooks:post", "worker_exit": "site_hooks:worker_exit",
+    "on_exit": "/srv/a dir/site.py:on_exit",
 }
+#: reload refuses direct mode: the reload settings round-trip with the dispatcher's.
+WITH_RELOAD = {"mode": "dispatcher", "reload": True,
+               "reload_extra_files": [STATIC, str(HERE / "serve_apps.py")]}
 
 
 #: The settings that cannot go with EVERY_SETTING's (autoscaling needs the dispatcher),
@@ -236,16 +253,20 @@ ALSO = {"workers_min": 2, "workers_max": 6, "scale_down_idle": 5.5,
 SECRETS = {"metrics_token"}
 
 
-def test_every_setting_round_trips_through_the_command_line() -> None:
-    assert set(EVERY_SETTING) | set(ALSO) == {s.name for s in SETTINGS}
-    for values in (EVERY_SETTING, ALSO):
-        settings = Settings(**values)
-        assert set(settings.changed()) == set(values)
-        argv = settings.to_argv()
-        assert not [word for word in argv if "s3cret" in word]
-        public = {k: v for k, v in values.items() if k not in SECRETS}
-        assert from_cli(argv + ["--metrics-token", "s3cret"] * ("metrics" in values)) == \
-            Settings(**public, **{k: values[k] for k in SECRETS & set(values)})
+@pytest.mark.parametrize("values", [EVERY_SETTING, {**EVERY_SETTING, **WITH_RELOAD}, ALSO],
+                         ids=["direct", "reload", "autoscaling"])
+def test_every_setting_round_trips_through_the_command_line(values: dict) -> None:
+    assert set(EVERY_SETTING) | set(WITH_RELOAD) | set(ALSO) == {s.name for s in SETTINGS}
+    settings = Settings(**values)
+    defaults = {name for name, value in values.items() if value == "dispatcher"}  # mode
+    assert set(settings.changed()) == set(values) - defaults
+    argv = settings.to_argv()
+    assert not [word for word in argv if "s3cret" in word]  # secrets never on one
+    public = {k: v for k, v in values.items() if k not in SECRETS}
+    secrets = [word for k in SECRETS & set(values) for word in (f"--{k.replace('_', '-')}",
+                                                                 values[k])]
+    assert from_cli(argv + secrets) == Settings(**public, **{k: values[k] for k in
+                                                              SECRETS & set(values)})
 
 
 def test_to_argv_leaves_defaults_out_and_can_pick_names() -> None:
@@ -321,6 +342,11 @@ CLI_ERRORS = {  # kind of bad value: (arguments, setting named)
     "bad value in settings file": (["--settings", "{bad_file}"], "threads"),
     "circus.ini cannot hold it": ([APP, "--env", "A=$HOME"], "env"),
     "no app": ([], "app"),
+    "reload in direct mode": ([APP, "--reload", "--mode", "direct"], "reload"),
+    "extra file without reload": ([APP, "--reload-extra-file", "/tmp"], "reload_extra_files"),
+    "missing extra file": ([APP, "--reload", "--reload-extra-file", "/no/such"],
+                           "reload_extra_files"),
+    "hook": ([APP, "--pre-request", "hooks.pre_request"], "pre_request"),
 }
 
 

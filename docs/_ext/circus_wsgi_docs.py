@@ -33,9 +33,10 @@ from circus_wsgi.settings import SETTINGS, Setting, _render
 
 _RST_SPECIAL = re.compile(r"([\\`*_|\[\]<>])")
 # Only names with an underscore are linked in help text: "workers" is also a word.
-# ("limits.content_length" names mongrel2's setting, not ours: no link after a dot.)
+# ("limits.content_length" names mongrel2's setting, not ours: no link after a dot; nor
+# in "on_exit(server)", a hook's signature.)
 _LINKABLE = re.compile(
-    r"(?<![\w.])(" + "|".join(s.name for s in SETTINGS if "_" in s.name) + r")(?![\w.]\w)")
+    r"(?<![\w.])(" + "|".join(s.name for s in SETTINGS if "_" in s.name) + r")(?![\w.]\w|\()")
 
 
 def _escape(text: str) -> str:
@@ -92,7 +93,9 @@ class SettingsDirective(_GeneratedDirective):
 
 
 def _setting_lines(setting: Setting, action: argparse.Action) -> Iterable[str]:
-    if action.option_strings:
+    if action.option_strings and action.nargs == 0:  # a switch
+        flag = f"``{action.option_strings[0]}``"
+    elif action.option_strings:
         flag = f"``{action.option_strings[0]} {action.metavar}``"
     else:
         flag = f"``{action.metavar}`` (the positional argument)"
