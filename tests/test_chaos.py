@@ -164,27 +164,33 @@ def fresh_request(port: int, number: int) -> bool:
         connection.close()
 
 
-def act(circus: Circus, kind: str, rng: random.Random) -> tuple[str, Callable[[], object]]:
-    """Do ``kind`` to the stack; what was done, and when the stack is whole again."""
+def act(circus: Circus, event: Event, rng: random.Random) -> Callable[[], object]:
+    """Do ``event.kind`` to the stack, noting the moment in ``event.at``; a test of the
+    stack being whole again."""
+    kind = event.kind
     workers = circus.pids("workers")
     if kind in ("kill -9 worker", "SIGTERM worker"):
         victim = rng.choice(sorted(workers))
+        event.detail, event.at = f"pid {victim}", time.monotonic()
         os.kill(victim, signal.SIGKILL if kind.startswith("kill") else signal.SIGTERM)
-        return f"pid {victim}", lambda: (victim not in (now := circus.pids("workers"))
-                                         and len(now) == len(workers))
+        return lambda: victim not in (now := circus.pids("workers")) and \
+            len(now) == len(workers)
     if kind in ("kill -9 dispatcher", "kill -9 mongrel2"):
         watcher = kind.split()[-1]
         [victim] = circus.pids(watcher)
+        event.detail, event.at = f"pid {victim}", time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        return f"pid {victim}", lambda: circus.pids(watcher) - {victim}
+        return lambda: circus.pids(watcher) - {victim}
+    event.at = time.monotonic()
     if kind == "reload workers":
+        event.detail = f"{len(workers)} workers"
         assert circus.call("reload", name="workers", graceful=True)["status"] == "ok"
-        return f"{len(workers)} workers", lambda: (now := circus.pids("workers")) and \
-            not now & workers and len(now) == len(workers)
+        return lambda: (now := circus.pids("workers")) and not now & workers and \
+            len(now) == len(workers)
     change = 1 if kind == "incr workers" else -1
+    event.detail = f"{len(workers)} -> {len(workers) + change}"
     assert circus.call(kind.split()[0], name="workers", nb=1)["status"] == "ok"
-    return f"{len(workers)} -> {len(workers) + change}", \
-        lambda: len(circus.pids("workers")) == len(workers) + change
+    return lambda: len(circus.pids("workers")) == len(workers) + change
 
 
 def schedule(rng: random.Random) -> list[str]:
@@ -214,7 +220,7 @@ def test_chaos_under_load_loses_only_what_killed_processes_held(capsys) -> None:
             if kind == "decr workers" and count <= 2 or kind == "incr workers" and count >= 4:
                 kind = "incr workers" if kind == "decr workers" else "decr workers"
             event = Event(kind, time.monotonic())
-            event.detail, whole = act(circus, kind, rng)
+            whole = act(circus, event, rng)
             wait_for(whole, 20, 0.02, f"the stack to be whole after {kind}")
             event.restarted = time.monotonic()
             number = len(events)
