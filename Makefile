@@ -1,5 +1,5 @@
 # make serve: install what is missing, then serve examples/hello.py
-# make test:  install what is missing, then run the whole test suite
+# make test:  install what is missing, then lint (ruff), type-check (mypy) and run the whole suite
 # make test-trixie: (root) `make test` as the README runs it, on a throwaway Debian 13 (chroot)
 VENV   ?= .venv
 PYTHON ?= python3
@@ -13,6 +13,8 @@ serve: deps
 	$(VENV)/bin/circus-wsgi serve examples.hello:app --static /static=examples/static
 
 test: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
 
 test-trixie:

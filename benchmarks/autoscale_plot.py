@@ -75,7 +75,7 @@ def main(out: str) -> int:
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("serve did not start")
+                    raise SystemExit("serve did not start") from None
         circus = CircusClient(endpoint=f"ipc://{directory}/run/circus.sock", timeout=5)
         for thread in threads:
             thread.start()

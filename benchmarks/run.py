@@ -1008,7 +1008,10 @@ def environment() -> dict:
 def _rst_table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     rule = "  ".join("=" * w for w in widths)
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+
+    def line(cells: list) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
     return [rule, line(header), rule, *(line(r) for r in rows), rule]
 
 
@@ -1085,7 +1088,7 @@ def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Pa
     rows = (len(shown) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 2.6 + 2.4 * rows),
                              squeeze=False)
-    for ax, scenario in zip(axes.flat, shown):
+    for ax, scenario in zip(axes.flat, shown, strict=False):
         names, values, colors = [], [], []
         for server in servers:
             cell = table.get(server.name, {}).get(scenario.name)
@@ -1141,9 +1144,10 @@ def _profile_section(found: dict | None) -> list[str]:
             if not kinds:
                 continue
             cpu = {k: v for k, v in kinds.items() if not k.startswith("ctx")}
+            others = sum(v for k, v in cpu.items() if k not in ("main", "zmq-io"))
             rows.append([role, f"{1e6 * sum(cpu.values()):.1f}",
-                         f"{1e6 * cpu.get('main', 0.0):.1f}", f"{1e6 * cpu.get('zmq-io', 0.0):.1f}",
-                         f"{1e6 * sum(v for k, v in cpu.items() if k not in ('main', 'zmq-io')):.1f}",
+                         f"{1e6 * cpu.get('main', 0.0):.1f}",
+                         f"{1e6 * cpu.get('zmq-io', 0.0):.1f}", f"{1e6 * others:.1f}",
                          f"{kinds.get('ctx-voluntary', 0):.2f}",
                          f"{kinds.get('ctx-involuntary', 0):.2f}"])
         lines += _rst_table(["process", "us/req", "main", "zmq-io", "other threads",
@@ -1185,7 +1189,7 @@ FINDINGS = BENCH / "findings.rst"
 
 
 def _short(frame: str) -> str:
-    """``func (/long/path/site-packages/zmq/sugar/socket.py)`` -> ``func (zmq/sugar/socket.py)``."""
+    """``func (/path/site-packages/zmq/sugar/socket.py)`` -> ``func (zmq/sugar/socket.py)``."""
     match = re.match(r"(.*) \((.*)\)$", frame)
     if not match:
         return frame

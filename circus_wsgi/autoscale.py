@@ -98,17 +98,17 @@ class Scaler:
             self.idle_since = None
             if self.pressed_since is None:
                 self.pressed_since = r.now
-            return self._up(r, "queue" if waiting else "prefetch")
+            return self._up(r, "queue" if waiting else "prefetch", self.pressed_since)
         self.pressed_since, self.step = None, 0
         if r.idle > 0 and r.queue == 0:
             if self.idle_since is None:
                 self.idle_since = r.now
-            return self._down(r)
+            return self._down(r, self.idle_since)
         self.idle_since = None
         return None
 
-    def _up(self, r: Reading, reason: str) -> Change | None:
-        if r.now - self.pressed_since < UP_AFTER or r.now - self.changed_at < COOLDOWN:
+    def _up(self, r: Reading, reason: str, since: float) -> Change | None:
+        if r.now - since < UP_AFTER or r.now - self.changed_at < COOLDOWN:
             return None
         starting = r.wanted - r.connected
         if starting > 0 and r.now - self.up_at < START_TIMEOUT or r.wanted >= self.maximum:
@@ -119,10 +119,10 @@ class Scaler:
         return Change("up", count, reason,
                       f"{r.queue} queued (oldest {r.oldest_wait:.2f} s), {r.prefetched} "
                       f"prefetched, {r.idle} of {r.connected} workers idle, waiting for "
-                      f"{r.now - self.pressed_since:.1f} s: {r.wanted} -> {r.wanted + count}")
+                      f"{r.now - since:.1f} s: {r.wanted} -> {r.wanted + count}")
 
-    def _down(self, r: Reading) -> Change | None:
-        if r.now - self.idle_since < self.scale_down_idle or r.wanted <= self.minimum:
+    def _down(self, r: Reading, since: float) -> Change | None:
+        if r.now - since < self.scale_down_idle or r.wanted <= self.minimum:
             return None
         if r.now - self.changed_at < COOLDOWN or \
                 r.now - self.up_at < 2 * self.scale_down_idle:

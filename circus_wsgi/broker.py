@@ -329,7 +329,7 @@ class Broker:
                     discard = (discard or set()) | {conn}
         worker = self.workers.get(identity)
         observe = self.durations.observe
-        for conn, status in zip(done, statuses):
+        for conn, status in zip(done, statuses, strict=True):
             request = in_flight.get(conn)
             if request is None or request.worker != identity:
                 continue

@@ -42,7 +42,7 @@ def _config(settings: Settings, args: argparse.Namespace) -> int:
         listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         print(f"circus-wsgi: warning: {listed} run{'s' * (len(names) == 1)} only under "
               "circus-wsgi serve, not under circusd", file=sys.stderr)
-    for name, path in paths.items():
+    for path in paths.values():
         print(f"wrote {path}")
     return 0
 

@@ -34,7 +34,7 @@ import signal
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, cast
 
 import zmq
 
@@ -45,6 +45,7 @@ from .board import BoardReader, board_path, live_workers, remove_stale
 from .broker import Broker, Close, Discard, Fail, Kill, Request
 from .exits import EXIT_OK, STUCK_SIGNAL
 from .flowcontrol import Windows
+from .framing import Frame
 from .httpmsg import error_response
 from .lifeline import die_with_parent
 from .memory import tune_malloc
@@ -75,14 +76,14 @@ class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.run_dir = run = RunDir(Path(settings.run_dir))
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context = zmq.Context.instance()
         # mongrel2's PUSH (requests and notices) and SUB (responses), in ZMTP; None
         # until connected. (mongrel2's SUB keeps what matches its subscription, the
         # sender UUID every response begins with, so responses may go at once.)
         self.send_spec = settings.send_spec or run.mongrel2_send
         self.recv_spec = settings.recv_spec or run.mongrel2_recv
-        self.requests: framing.FramedStream | None = None
-        self.responses: framing.FramedStream | None = None
+        self.requests: framing.FramedStream[bytes] | None = None
+        self.responses: framing.FramedStream[bytes] | None = None
         # The socket file of a dispatcher that did not stop cleanly: it was killed, and
         # the clients of what it had not handed out wait (recovery.py). Until they are
         # closed, every connection heard of since start is noted.
@@ -92,7 +93,7 @@ class Dispatcher:
         self.recover_by = 0.0  # when it stops waiting for the workers to announce themselves
         self.outstanding: list[int] = []
         self.listener = framing.listen(run.dispatcher)
-        self.links: dict[bytes, framing.FramedStream] = {}  # worker identity -> connection
+        self.links: dict[bytes, framing.FramedStream[Frame]] = {}  # worker identity -> link
         self.link_identities: dict[int, bytes] = {}  # connection's fd -> worker identity
         self.link_numbers = itertools.count(1)
         self.status_socket = self._status_socket(run.dispatcher_status)
@@ -113,7 +114,7 @@ class Dispatcher:
         # handler takes what is there, which resets it.
         self.poller = select.poll()
         self.requests_fd = self.responses_fd = -1
-        self.status_fd = self.status_socket.getsockopt(zmq.FD)
+        self.status_fd = cast(int, self.status_socket.getsockopt(zmq.FD))
         self.poller.register(self.status_fd, select.POLLIN)
         self.accepting = False  # taking workers' connections (once mongrel2 was reached)
         self.pidfds: dict[int, bytes] = {}  # pidfd -> worker identity
@@ -220,7 +221,7 @@ class Dispatcher:
                 except ConnectionError:
                     self._mongrel2_gone()
 
-    def _send_on(self, stream: framing.FramedStream, frames: list[bytes] | tuple) -> None:
+    def _send_on(self, stream: framing.FramedStream, frames: Sequence[Frame]) -> None:
         """Send one message; while some of it waits, poll the stream for writing too."""
         backlogged = stream.backlogged
         stream.send(frames)
@@ -284,6 +285,8 @@ class Dispatcher:
     def _on_requests(self) -> None:
         """mongrel2's messages: all that one read brings (one frame each)."""
         stream = self.requests
+        if stream is None:
+            return
         try:
             messages = stream.receive()
         except ValueError as error:
@@ -300,6 +303,8 @@ class Dispatcher:
         """The connection to mongrel2's SUB: writable again, or closed (what it sends,
         its subscription, needs nothing from us)."""
         stream = self.responses
+        if stream is None:
+            return
         try:
             if event & select.POLLOUT:
                 self._flush_on(stream)
@@ -442,18 +447,18 @@ class Dispatcher:
             log.warning("malformed message from a worker (%s): %r", error,
                         [bytes(f[:40]) for f in frames[:4]])
 
-    def _on_worker_command(self, identity: bytes, command: framing.Frame,
-                           frames: list[framing.Frame]) -> None:
+    def _on_worker_command(self, identity: bytes, command: Frame, frames: list[Frame]) -> None:
         if command == dp.OUTPUT:
-            self._on_output(identity, frames[1].split(), frames[2].split(), frames[3].split(),
-                            frames[4:])
+            self._on_output(identity, _small(frames[1]).split(), _small(frames[2]).split(),
+                            _small(frames[3]).split(), frames[4:])
         elif command == dp.READY:
             self._on_ready(identity, int(frames[1]), int(frames[2]), int(frames[3]),
                            int(frames[4]))
             if self.heard_of is not None:
-                self.heard_of.update(frames[5:])
+                self.heard_of.update(_small(frame) for frame in frames[5:])
         elif command == dp.RETURN:
-            self.broker.returned(identity, frames[1:], time.monotonic())
+            self.broker.returned(identity, [_small(frame) for frame in frames[1:]],
+                                 time.monotonic())
         elif command == dp.LEAVING:
             worker = self.broker.leaving(identity)
             if worker is not None:
@@ -753,9 +758,17 @@ def _request_line(request: Request | None) -> tuple[str, str]:
             message.path.decode("latin-1"))
 
 
+def _small(frame: Frame) -> bytes:
+    """A frame where the protocol has ids or digits: never one of the large ones read as
+    a view (a peer that sends one there is malformed)."""
+    if type(frame) is not bytes:
+        raise ValueError("a large frame where a small one belongs")
+    return frame
+
+
 def _readable(sock: zmq.Socket) -> bool:
     """Whether a message waits in ``sock`` (asking also resets its ZMQ_FD)."""
-    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def run_dispatcher(settings: Settings) -> int:

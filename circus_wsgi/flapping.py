@@ -76,7 +76,8 @@ class Flapping(flapping.Flapping):
         root = logging.getLogger()
         root.setLevel(max(root.level, logging.INFO))
         super().__init__(*args, **config)
-        self.max_retry = int(config.get("retries", self.max_retry))
+        if "retries" in config:
+            self.max_retry = int(config["retries"])
         #: Watchers this plugin has stopped, until circusd reports them stopped.
         self.stopping: set[str] = set()
         #: Per watcher, the time of its last counted crash or retry.
@@ -99,7 +100,7 @@ class Flapping(flapping.Flapping):
     def reaped(self, name: str, event: dict[str, Any]) -> None:
         """Count a crash of one of the watcher's processes; stop a crash loop."""
         exit_code = event.get("exit_code")
-        if name in self.stopping or not exits.is_crash(exit_code):
+        if name in self.stopping or exit_code is None or not exits.is_crash(exit_code):
             return
         conf = self.configs[name] if name in self.configs else self.update_conf(name)
         if not to_bool(self._get_conf(conf, "active")):

@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Protocol, Sequence, Union
+from typing import Generic, Protocol, Sequence, TypeVar, Union
 
 #: Bytes taken from the kernel per :meth:`FramedStream.receive`. (Each read allocates a
 #: buffer this size: cheap with :func:`memory.tune_malloc`, which keeps blocks this large
@@ -42,9 +42,12 @@ _HEAD = struct.Struct("!II")  # size, frame count
 _SIZE = struct.Struct("!I")
 #: A received frame: bytes, or a view of the bytes read (see :class:`LengthPrefixed`).
 Frame = Union[bytes, memoryview]
+#: What frames a layout reads: Frame, or bytes alone (ZMTP's).
+F = TypeVar("F", bytes, Frame)
 
 
-def encode(frames: Sequence[bytes]) -> list[bytes]:
+
+def encode(frames: Sequence[Frame]) -> list[Frame]:
     """The buffers that make up one message on the wire (the frames are not copied)."""
     lengths = [len(frame) for frame in frames]
     count = len(lengths)
@@ -52,7 +55,7 @@ def encode(frames: Sequence[bytes]) -> list[bytes]:
     return [struct.pack("!II%dI" % count, size, count, *lengths), *frames]
 
 
-def encode_message(frames: Sequence[bytes]) -> bytes:
+def encode_message(frames: Sequence[Frame]) -> bytes:
     """One message as the bytes on the wire."""
     return b"".join(encode(frames))
 
@@ -63,7 +66,7 @@ def decode(data: bytes | bytearray,
     Frames are bytes, copied once (through a memoryview if ``data`` is a bytearray);
     with ``view_from``, frames of that many bytes or more are memoryviews of ``data``,
     not copies (``data`` must then never change)."""
-    messages = []
+    messages: list[list[Frame]] = []
     at, end = 0, len(data)
     piece = data if type(data) is bytes else memoryview(data)
     view = memoryview(data) if view_from is not None else None
@@ -75,7 +78,7 @@ def decode(data: bytes | bytearray,
         position = at + 8 + 4 * count
         if position > stop:
             raise ValueError(f"{count} frames do not fit in a message of {size} bytes")
-        frames = []
+        frames: list[Frame] = []
         for length in struct.unpack_from("!%dI" % count, data, at + 8):
             if view is not None and length >= view_from:
                 frames.append(view[position:position + length])
@@ -90,13 +93,13 @@ def decode(data: bytes | bytearray,
     return messages, at
 
 
-class Layout(Protocol):
+class Layout(Protocol[F]):
     """How messages are laid out on the stream (an object per stream: it may keep state)."""
 
-    def encode(self, frames: Sequence[bytes]) -> list[bytes]:
+    def encode(self, frames: Sequence[Frame]) -> list[Frame]:
         """The buffers of one message on the wire."""
 
-    def decode(self, data: bytes | bytearray) -> tuple[list[list[Frame]], int]:
+    def decode(self, data: bytes | bytearray) -> tuple[list[list[F]], int]:
         """The complete messages at the start of ``data``, and how many bytes were used."""
 
     def size_at(self, data: bytes | bytearray, at: int) -> int | None:
@@ -128,21 +131,21 @@ class LengthPrefixed:
         return 4 + size
 
 
-class FramedStream:
-    """One end of a connection carrying framed messages; non-blocking.
+class FramedStream(Generic[F]):
+    """One end of a connection carrying framed messages (of frames ``F``); non-blocking.
 
     ``closed`` turns true once the peer is gone (end of stream, or a reset or
     broken pipe): :meth:`receive` then returns nothing more and :meth:`send`
     raises :class:`ConnectionError`.
     """
 
-    def __init__(self, sock: socket.socket, layout: Layout = LengthPrefixed()) -> None:
+    def __init__(self, sock: socket.socket, layout: Layout[F]) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.sock = sock
-        self.layout = layout
+        self.layout: Layout[F] = layout
         self.closed = False
-        self._head = b""  # the first bytes of a message, too few to give its size
+        self._head: bytes | bytearray = b""  # a message's first bytes, too few for its size
         # A message of known size still arriving, read in place: no joining of reads.
         self._arriving: bytearray | None = None
         self._filled = 0
@@ -162,7 +165,7 @@ class FramedStream:
 
     # -- in
 
-    def receive(self) -> list[list[Frame]]:
+    def receive(self) -> list[list[F]]:
         """The messages that have arrived complete (one read from the kernel).
 
         Raises ValueError (and the stream is closed) if the bytes are not framed
@@ -170,6 +173,7 @@ class FramedStream:
         if self.closed:
             return []
         arriving = self._arriving
+        chunk: bytes | bytearray = b""
         try:
             if arriving is not None:  # only its own bytes: the next message stays queued
                 read = self.sock.recv_into(memoryview(arriving)[self._filled:])
@@ -196,7 +200,7 @@ class FramedStream:
             self.closed = True  # the peer does not speak this protocol: nothing more from it
             raise
 
-    def _take(self, chunk: bytes | bytearray) -> list[list[Frame]]:
+    def _take(self, chunk: bytes | bytearray) -> list[list[F]]:
         """Decode the whole messages of ``chunk``; keep the start of the next one."""
         messages, used = self.layout.decode(chunk)
         rest = len(chunk) - used
@@ -212,7 +216,7 @@ class FramedStream:
 
     # -- out
 
-    def send(self, frames: Sequence[bytes]) -> None:
+    def send(self, frames: Sequence[Frame]) -> None:
         """Write one message, or keep what the kernel does not take for :meth:`flush`."""
         if self.closed:
             raise ConnectionError("connection closed")
@@ -310,22 +314,23 @@ def listen(path: str) -> socket.socket:
     return listener
 
 
-def accept(listener: socket.socket, layout: Layout | None = None) -> FramedStream | None:
-    """The next waiting connection (in ``layout``, length-prefixed by default), or None."""
+def accept(listener: socket.socket, layout: Layout[Frame]) -> FramedStream[Frame] | None:
+    """The next waiting connection (in ``layout``), or None."""
     try:
         sock, _ = listener.accept()
     except BlockingIOError:
         return None
-    return FramedStream(sock, layout or LengthPrefixed())
+    return FramedStream(sock, layout)
 
 
-def connect(path: str) -> FramedStream | None:
-    """A connection to the listener at ``path``, or None if nobody listens there yet."""
+def connect(path: str) -> FramedStream[Frame] | None:
+    """A length-prefixed connection to the listener at ``path``, or None if nobody listens
+    there yet."""
     sock = connect_socket(socket.AF_UNIX, path)
-    return None if sock is None else FramedStream(sock)
+    return None if sock is None else FramedStream(sock, LengthPrefixed())
 
 
-def connect_socket(family: int, address: object) -> socket.socket | None:
+def connect_socket(family: int, address: str | tuple[str, int]) -> socket.socket | None:
     """A stream socket connected to ``address``, or None if nobody listens there yet."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

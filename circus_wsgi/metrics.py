@@ -129,7 +129,7 @@ def _histogram(name: str, documentation: str, labels: list[str],
     bounds = [*(str(b) for b in data["bounds"]), "+Inf"]
     for label_values, counts, total in data["series"]:
         cumulative, buckets = 0, []
-        for bound, count in zip(bounds, counts):
+        for bound, count in zip(bounds, counts, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
         family.add_metric([str(v) for v in label_values], buckets, total)

@@ -45,7 +45,7 @@ def outstanding(table: dict[bytes, Any]) -> list[int]:
     headers = [h.decode() for h in table.get(b"headers", [])]
     chosen = []
     for row in table.get(b"rows", []):
-        entry = dict(zip(headers, row))
+        entry = dict(zip(headers, row, strict=True))
         conn = entry.get("id", -1)
         if conn < 0 or entry.get("bytes_read", 0) <= 0:
             continue  # nothing read yet: no request to lose

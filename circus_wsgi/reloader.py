@@ -130,7 +130,7 @@ def _changes(trees: list[str], alone: list[str], counts: Callable[[Any, str], bo
             bursts.put(None)
             watching.set()
 
-    for (paths, recursive), watching in zip(kinds, ready):
+    for (paths, recursive), watching in zip(kinds, ready, strict=True):
         threading.Thread(target=watch, args=(paths, recursive, watching), daemon=True).start()
     for watching in ready:
         watching.wait()

@@ -226,6 +226,13 @@ class Stack:
             [sys.executable, "-m", "circus.circusd", str(self.circus_ini)],
             start_new_session=True, preexec_fn=die_with_parent)
 
+    @property
+    def circusd(self) -> subprocess.Popen:
+        """The circusd process (once :meth:`start` has run)."""
+        if self.process is None:
+            raise RuntimeError("circusd was not started")
+        return self.process
+
     def request_stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
         """First signal: stop gracefully (done by :meth:`wait`). Second: kill everything now."""
         self.stop_requested += 1
@@ -233,7 +240,7 @@ class Stack:
             self.kill()
 
     def _interrupted(self) -> bool:
-        return self.stop_requested > 1 or self.process.poll() is not None
+        return self.stop_requested > 1 or self.circusd.poll() is not None
 
     # -- starting
 
@@ -246,8 +253,8 @@ class Stack:
         while time.monotonic() < deadline:
             if self.stop_requested:
                 return
-            if self.process.poll() is not None:
-                raise ServeError(f"circusd exited ({describe(self.process.returncode)}) "
+            if self.circusd.poll() is not None:
+                raise ServeError(f"circusd exited ({describe(self.circusd.returncode)}) "
                                  "before the stack was ready (see the log above)")
             if _listening(host, int(port)) and self._workers_ready() and \
                     self._metrics_ready():
@@ -309,7 +316,7 @@ class Stack:
         then end whatever a killed circusd left behind."""
         while True:
             try:
-                status = self.process.wait(timeout=0.1)
+                status = self.circusd.wait(timeout=0.1)
                 break
             except subprocess.TimeoutExpired:
                 if self.stop_requested:
@@ -329,18 +336,18 @@ class Stack:
         elif reply is not None and reply.get("status") != "ok":
             print(f"circus-wsgi: stopping the workers: {reply.get('reason')}",
                   file=sys.stderr)
-        _signal(self.process.pid, signal.SIGTERM)
+        _signal(self.circusd.pid, signal.SIGTERM)
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             try:
-                return self.process.wait(timeout=0.1)
+                return self.circusd.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
                 if self.stop_requested > 1:
-                    return self.process.wait()
+                    return self.circusd.wait()
         print(f"circus-wsgi: circusd did not stop within {limit:.0f} s; killing it",
               file=sys.stderr)
         self.kill()
-        return self.process.wait()
+        return self.circusd.wait()
 
     def kill(self) -> None:
         """SIGKILL circusd and every process under it."""

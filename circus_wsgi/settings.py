@@ -253,7 +253,8 @@ def _uuid(value: Any) -> str:
     try:
         return str(uuid.UUID(str(value)))
     except ValueError:
-        raise ValueError("must be a UUID (for example f400bf85-4538-4f7a-8908-67e313d515c2)") from None
+        raise ValueError("must be a UUID (for example "
+                         "f400bf85-4538-4f7a-8908-67e313d515c2)") from None
 
 
 _uuid.kind = "UUID"  # type: ignore[attr-defined]
@@ -378,9 +379,10 @@ def _hook(name: str) -> Callable[[Any], Any]:
 def _existing_paths(value: Any) -> tuple[str, ...]:
     paths = [value] if isinstance(value, (str, os.PathLike)) else value
     try:
-        paths = [os.path.abspath(path) for path in paths]
+        absolute: list[str] = [os.path.abspath(path) for path in paths]
     except TypeError:
         raise ValueError("must be a list of paths") from None
+    paths = absolute
     for path in paths:
         if not os.path.exists(path):
             raise ValueError(f"{path} does not exist")
@@ -515,7 +517,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("flow_control", "limits", True, _boolean,
        "mongrel2's download.flow_control: streamed responses are paced by the client's "
        "reading, keeping worker and mongrel2 memory bounded. Dispatcher mode only: in direct "
-       "mode mongrel2 would deal credit notices to the wrong workers, so it is off there.", "BOOL"),
+       "mode mongrel2 would deal credit notices to the wrong workers, so it is off there.",
+       "BOOL"),
     # -- monitoring
     _S("metrics", "monitoring", "", _listen,
        "Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1); "
@@ -739,7 +742,8 @@ class Settings:
                     argv += [setting.flag, _render_item(item)]
             else:
                 text = _render(value)  # "--flag=-x": argparse takes a lone "-x" for a flag
-                argv += [f"{setting.flag}={text}"] if text.startswith("-") else [setting.flag, text]
+                argv += [f"{setting.flag}={text}"] if text.startswith("-") else \
+                    [setting.flag, text]
         return argv
 
     @classmethod

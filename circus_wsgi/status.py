@@ -31,7 +31,7 @@ def send_note(settings: Settings, decision: dict[str, Any], timeout: float = 1.0
 def _ask(settings: Settings, question: bytes, timeout: float) -> dict[str, Any]:
     if not settings.run_dir:
         raise TimeoutError("no run_dir given: pass --run-dir of the running stack")
-    context = zmq.Context.instance()
+    context: zmq.Context = zmq.Context.instance()
     sock = context.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:

@@ -53,7 +53,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import psutil
 import zmq
@@ -308,8 +308,8 @@ class DispatcherLink:
     def receive(self) -> list[list[bytes]]:
         if self.stream is None:
             return []
-        try:
-            messages = self.stream.receive()
+        try:  # (no frame is a view: the link reads without them)
+            messages = cast(list[list[bytes]], self.stream.receive())
         except ValueError as error:
             log.error("malformed stream from the dispatcher (%s)", error)
             messages = []
@@ -344,7 +344,7 @@ class DispatcherLink:
                       b" ".join(self.statuses), *self.messages)
             self.messages, self.done, self.statuses, self.started = [], [], [], []
             self._send(frames)
-        elif self.backlogged:
+        elif self.stream is not None and self.stream.backlogged:
             try:
                 self.stream.flush()
             except ConnectionError:
@@ -361,9 +361,10 @@ class DispatcherLink:
 
     def _lost(self) -> None:
         log.warning("worker %d lost its dispatcher connection", os.getpid())
-        self.undelivered += self.stream.unsent()
-        self.stream.close()
-        self.stream = None
+        if self.stream is not None:
+            self.undelivered += self.stream.unsent()
+            self.stream.close()
+            self.stream = None
 
     def close(self) -> None:
         if self.stream is not None:
@@ -462,7 +463,7 @@ class Worker:
         # The board records the number of each request begun, per thread (dispatcher
         # mode; in direct mode nobody reads it, and the cells are a plain array).
         self.board = Board(board_path(run.path, os.getpid()), self.threads) \
-            if not self.link.direct else None
+            if run is not None and not self.link.direct else None
         self.cells = self.board.cells if self.board is not None else \
             memoryview(bytearray(8 * (1 + 2 * self.threads))).cast("d")
         self.received = 0  # requests received from the dispatcher: the last one's number
@@ -476,7 +477,7 @@ class Worker:
         self.active: dict[bytes, Outbox] = {}
         # Requests held but not started: inline, those that came while the application
         # ran; threaded, those waiting for a thread (under ``ready``).
-        self.pending: deque = deque()
+        self.pending: deque[tuple[Message, Outbox]] = deque()
         self.ready = threading.Condition()
         self.running: dict[Outbox, float] = {}  # threaded: when each started (under ``ready``)
         self.deferred: deque = deque()  # frames read while giving requests back
@@ -555,7 +556,7 @@ class Worker:
             if self.timer_on and not self.busy:  # idle from here: no ticks while asleep
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 self.timer_on = False
-            events = self.poller.poll(timeout * 1000)
+            events = self.poller.poll(int(timeout * 1000))
         for item, _ in events:
             if item == self.wake_r:
                 self._take_results()
@@ -903,7 +904,7 @@ class Worker:
             with self.ready:
                 waiting = list(self.pending)
                 self.pending.clear()
-        for message, outbox in waiting:
+        for _, outbox in waiting:
             if self.active.get(outbox.conn_id) is outbox:
                 del self.active[outbox.conn_id]
         self.link.give_back([outbox.conn_id for _, outbox in waiting])

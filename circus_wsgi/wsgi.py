@@ -165,7 +165,7 @@ class Site:
         script_name = prefix.rstrip("/")
         self._cut = len(script_name)
         host, _, port = bind.rpartition(":")
-        self.base = {
+        self.base: dict[str, Any] = {
             "SCRIPT_NAME": script_name,
             "SERVER_NAME": host.strip("[]"),
             "SERVER_PORT": port,
@@ -544,7 +544,7 @@ class Pacer:
 
     def __init__(self, window: Optional[int], credit: Optional[int] = None) -> None:
         self.window = window
-        self.credit = (window or 0) if credit is None else min(credit, window or 0)
+        self.credit: int = (window or 0) if credit is None else min(credit, window or 0)
         self._held: list[Buffer] = []
         self._size = 0
         self._tokens = float(BURST)
@@ -607,7 +607,7 @@ class Pacer:
         return [self._take_all()]
 
     def _take_credited(self) -> list[list[Buffer]]:
-        piece = min(PIECE, self.window)
+        piece = min(PIECE, self.window or PIECE)  # (with flow control: there is a window)
         out = []
         while self._size:
             size = min(self._size, piece, self.credit)
@@ -619,7 +619,8 @@ class Pacer:
 
     def _cut(self, size: int) -> list[Buffer]:
         """The first ``size`` bytes held, as parts: sliced, never copied."""
-        held, parts, taken = self._held, [], 0
+        held, taken = self._held, 0
+        parts: list[Buffer] = []
         self._size -= size
         while size:
             first = held[taken]

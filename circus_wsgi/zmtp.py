@@ -29,7 +29,7 @@ import socket
 import struct
 from typing import Sequence
 
-from .framing import FramedStream, connect_socket
+from .framing import Frame, FramedStream, connect_socket
 
 __all__ = ["ZmtpLayout", "connect", "handshake", "greeting", "ready_command"]
 
@@ -109,8 +109,8 @@ class ZmtpLayout:
     def __init__(self) -> None:
         self._parts: list[bytes] = []  # frames of a message whose last frame is to come
 
-    def encode(self, frames: Sequence[bytes]) -> list[bytes]:
-        buffers = []
+    def encode(self, frames: Sequence[Frame]) -> list[Frame]:
+        buffers: list[Frame] = []
         last = len(frames) - 1
         for number, frame in enumerate(frames):
             size = len(frame)
@@ -165,7 +165,7 @@ class ZmtpLayout:
 _ENDPOINT = re.compile(r"^(?:ipc://(.+)|tcp://(.+):(\d+))$")
 
 
-def connect(endpoint: str, socket_type: str) -> FramedStream | None:
+def connect(endpoint: str, socket_type: str) -> FramedStream[bytes] | None:
     """A ZMTP connection to the ZeroMQ socket bound at ``endpoint`` (``ipc://PATH`` or
     ``tcp://HOST:PORT``), announcing ``socket_type``, handshake done; None if nothing
     listens there yet. ValueError or TimeoutError if the handshake fails."""
@@ -187,4 +187,4 @@ def connect(endpoint: str, socket_type: str) -> FramedStream | None:
     except (OSError, ValueError):
         sock.close()
         raise
-    return FramedStream(sock, ZmtpLayout())
+    return FramedStream[bytes](sock, ZmtpLayout())

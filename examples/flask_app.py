@@ -8,6 +8,7 @@ request bodies, a streamed response, 204, 304 and a failing view.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from flask import Flask, Response, jsonify, make_response, redirect, request
@@ -60,7 +61,7 @@ def upload():
     files = {}
     for name, storage in request.files.items():
         digest, size = hashlib.sha256(), 0
-        for block in iter(lambda: storage.stream.read(65536), b""):
+        for block in iter(functools.partial(storage.stream.read, 65536), b""):
             digest.update(block)
             size += len(block)
         files[name] = {"filename": storage.filename, "size": size,

@@ -62,7 +62,7 @@ class FramedListener:
     def accept(self, timeout: float) -> FramedPeer | None:
         if not select.select([self.listener], [], [], max(0.0, timeout))[0]:
             return None
-        stream = framing.accept(self.listener)
+        stream = framing.accept(self.listener, framing.LengthPrefixed())
         return None if stream is None else FramedPeer(stream)
 
     def close(self) -> None:
@@ -71,11 +71,11 @@ class FramedListener:
 
 
 def receive_in_pieces(wire: bytes, cuts: Sequence[int],
-                      layout: framing.Layout = framing.LengthPrefixed()) -> list[list[bytes]]:
+                      layout: framing.Layout | None = None) -> list[list[bytes]]:
     """The messages a stream reads from ``wire`` when the bytes arrive in pieces of the
     sizes in ``cuts`` (in turn), each piece read before the next is written."""
     left, right = socket.socketpair()
-    stream = framing.FramedStream(right, layout)
+    stream = framing.FramedStream(right, layout or framing.LengthPrefixed())
     try:
         got, at, turn = [], 0, 0
         while at < len(wire):

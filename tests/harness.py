@@ -243,7 +243,7 @@ class Stack:
                    **self.options}
         if options.get("mode") == "direct":
             options.setdefault("flow_control", False)
-        for attempt in range(attempts):
+        for _ in range(attempts):
             port = free_port()
             self.settings = Settings(bind=f"127.0.0.1:{port}", run_dir=str(self.path),
                                      **options).with_defaults_resolved(str(self.path))

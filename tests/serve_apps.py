@@ -9,7 +9,8 @@ Environment variables steer the import, so a test can break it on purpose:
   once (in serve's check) and never again.
 
 ``app`` routes on the path: ``/`` says hello with the worker's pid, ``/sleep?s=N``
-sleeps N seconds first, ``/whoami`` answers the worker's uid, gid and groups. ``from_env()`` is a factory that needs
+sleeps N seconds first, ``/whoami`` answers the worker's uid, gid and groups.
+``from_env()`` is a factory that needs
 ``SERVE_APPS_GREETING`` (a setting ``env`` of serve) to build its app.
 """
 

@@ -35,7 +35,7 @@ def test_waiting_requests_scale_up_after_a_second_by_1_then_2_then_4_to_the_maxi
             wanted += change.count
     assert changes[0] == (UP_AFTER, 1)
     assert [count for _, count in changes] == [1, 2, 4]  # 8 is the maximum: 1+1+2+4
-    assert all(b - a >= COOLDOWN for (a, _), (b, _) in zip(changes, changes[1:]))
+    assert all(b - a >= COOLDOWN for (a, _), (b, _) in zip(changes, changes[1:], strict=False))
 
 
 def test_workers_still_starting_count_as_capacity():

@@ -9,7 +9,8 @@ tests/serve_apps.py, the user ``myapp`` is one the page's own ``useradd`` create
 under another name (removed afterwards), and logrotate keeps its state in the test's
 directory. Where this machine cannot run a step (no systemd running, no registry for
 circus-wsgi itself), :data:`NOT_RUN` says why, and what the test does instead. A new
-step in the page that is neither run nor listed fails :func:`test_every_step_is_run_or_says_why_not`.
+step in the page that is neither run nor listed fails
+:func:`test_every_step_is_run_or_says_why_not`.
 """
 
 from __future__ import annotations

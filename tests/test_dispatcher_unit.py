@@ -118,7 +118,7 @@ class WorkerPeer:
             command, *frames = self.sock.recv_multipart()
             if command == dp.REQUEST:
                 windows, *frames = frames
-                for window, frame in zip(windows.split(), frames):
+                for window, frame in zip(windows.split(), frames, strict=True):
                     self.windows[parse(frame).conn_id] = int(window)
             if command in (dp.REQUEST, dp.NOTICE):
                 self.inbox += [[command, frame] for frame in frames]

@@ -118,8 +118,8 @@ def test_cli_page_documents_every_subcommand_and_argument(built):
         for action in parser._actions:
             for spelling in action.option_strings or [action.metavar]:
                 # Sphinx names an option PROGRAM.OPTION, spaces in PROGRAM made dashes
-                assert {f"circus-wsgi-{name}.{spelling}", f"circus-wsgi.{spelling}"} & documented, (
-                    f"circus-wsgi {name} {spelling} is not documented")
+                names = {f"circus-wsgi-{name}.{spelling}", f"circus-wsgi.{spelling}"}
+                assert names & documented, f"circus-wsgi {name} {spelling} is not documented"
 
 
 def without_other_programs(text: str) -> str:

@@ -186,7 +186,7 @@ def test_the_log_shows_the_decisions(circus):
     expected += counted + [f"crash loop: watcher stopped for good after {MAX_RETRY} retries; "
                            "fix it, then `circusctl start crasher`"]
     assert len(decisions) == len(expected), "\n".join(decisions)
-    for decision, pattern in zip(decisions, expected):
+    for decision, pattern in zip(decisions, expected, strict=True):
         assert re.fullmatch(pattern, decision), decision
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from circus_wsgi import framing
+from circus_wsgi.framing import LengthPrefixed as LP
 from framed_peer import receive_in_pieces
 
 messages = st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=6), max_size=8)
@@ -16,7 +17,7 @@ messages = st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=6), m
 @pytest.fixture
 def pair():
     left, right = socket.socketpair()
-    ends = framing.FramedStream(left), framing.FramedStream(right)
+    ends = framing.FramedStream(left, LP()), framing.FramedStream(right, LP())
     yield ends
     for end in ends:
         end.close()
@@ -97,7 +98,7 @@ def test_messages_not_written_whole_can_go_to_another_connection(pair):
     unsent = writer.unsent()  # the peer did not get all of "one": it is sent again whole
     assert len(unsent) == 2 and not writer.backlogged
     left, right = socket.socketpair()
-    again, other = framing.FramedStream(left), framing.FramedStream(right)
+    again, other = framing.FramedStream(left, LP()), framing.FramedStream(right, LP())
     try:
         again.resend(unsent)
         got: list[list[bytes]] = []
@@ -113,7 +114,7 @@ def test_messages_not_written_whole_can_go_to_another_connection(pair):
 def small_buffer_pair() -> tuple[framing.FramedStream, framing.FramedStream]:
     """A connection whose writer's kernel buffer holds a few KB: writes stop part-way
     through messages and through their buffers."""
-    writer, reader = (framing.FramedStream(end) for end in socket.socketpair())
+    writer, reader = (framing.FramedStream(end, LP()) for end in socket.socketpair())
     writer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     return writer, reader
 
@@ -184,7 +185,7 @@ def test_connect_returns_none_while_nobody_listens(tmp_path):
     listener = framing.listen(path)
     try:
         client = framing.connect(path)
-        server = framing.accept(listener)
+        server = framing.accept(listener, LP())
         client.send([b"hi"])
         assert receive_all(server, 1) == [[b"hi"]]
         client.close()

@@ -148,7 +148,7 @@ def test_response_and_close():
 
 def _with_headers(*pairs: bytes) -> protocol.Message:
     headers = {b"METHOD": b"POST"}
-    for name, value in zip(pairs[::2], pairs[1::2]):
+    for name, value in zip(pairs[::2], pairs[1::2], strict=True):
         headers[name] = value
     return protocol.Message(UUID, b"1", b"/", headers, b"", Kind.REQUEST)
 

@@ -229,7 +229,7 @@ def assert_nothing_left(directory: Path, within: float = 5.0) -> None:
         wait_for(lambda: not stack_processes(directory), within, 0.05,
                  f"the processes of {directory} to exit")
     except AssertionError:
-        raise AssertionError(f"processes outlived the stack: {kill_stack(directory)}")
+        raise AssertionError(f"processes outlived the stack: {kill_stack(directory)}") from None
 
 
 def preflight(directory: Path, *args: str, env: Optional[dict] = None
@@ -413,7 +413,7 @@ def test_circusctl_stats_shows_cpu_and_memory_per_worker(served: Serve) -> None:
         assert match, line
         rows[int(match.group(1))] = match.groups()[1:]
     assert set(rows) == served.pids("workers")
-    for rss, vms, cpu, mem in rows.values():
+    for rss, _, _, mem in rows.values():
         assert float(rss[:-1]) > 1 and float(mem) > 0, (rss, mem)
 
 

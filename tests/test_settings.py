@@ -15,7 +15,7 @@ import pytest
 
 from circus_wsgi import cli
 from circus_wsgi.rundir import IPC_PATH_MAX, RUN_DIR_MAX, SOCKETS, RunDir
-from circus_wsgi.settings import SETTINGS, Setting, Settings, SettingsError
+from circus_wsgi.settings import SETTINGS, Settings, SettingsError
 
 HERE = Path(__file__).resolve().parent
 STATIC = str(HERE.parent / "examples" / "static")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import HTTPClient, Stack, wait_for
+from harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -223,8 +223,8 @@ def test_fifty_megabytes_streamed_with_bounded_worker_memory(stack):
 def test_access_log(stack, client):
     client.request("GET", "/hello?from=access-log-test", headers=[("Referer", "http://r/"),
                                                                   ("User-Agent", "tester/1")])
-    line = wait_for(lambda: [l for l in stack.worker_processes[0].output().splitlines()
-                             if "from=access-log-test" in l], what="the access log line")[0]
+    line = wait_for(lambda: [text for text in stack.worker_processes[0].output().splitlines()
+                             if "from=access-log-test" in text], what="the access log line")[0]
     assert line.startswith("127.0.0.1 - - [")
     assert '"GET /hello?from=access-log-test HTTP/1.1" 200 13 "http://r/" "tester/1"' in line
 

@@ -57,7 +57,8 @@ def test_endless_body_holds_memory_flat(stack):
         taken = 0
         while taken < 20 << 20:
             taken += len(raw.recv(65536))
-    grown = max(w.rss() - before for w, before in zip(stack.worker_processes, worker_rss))
+    grown = max(w.rss() - before
+                for w, before in zip(stack.worker_processes, worker_rss, strict=True))
     assert grown < 30 << 20 and stack.mongrel2.rss() - mongrel2_rss < 30 << 20
 
 

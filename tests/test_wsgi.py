@@ -5,12 +5,10 @@ from __future__ import annotations
 import io
 import sys
 import warnings
-from wsgiref.validate import validator
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from circus_wsgi import wsgi
 from circus_wsgi.protocol import WINDOW, Kind, Message
 from circus_wsgi.wsgi import (BURST, HOLD_MAX, INTERVAL, PIECE, ClientGone, Exchange,
                               Pacer, Router, Site, wants_keep_alive)
@@ -264,7 +262,8 @@ def test_no_body_statuses(code):
 
 @pytest.mark.parametrize("kind", ["crlf", "lf", "latin", "name", "colon", "bytes"])
 def test_invalid_headers_give_500(kind):
-    out, exchange = serve(worker_apps.rules, request(b"/bad-header", query=b"kind=" + kind.encode()))
+    out, exchange = serve(worker_apps.rules,
+                          request(b"/bad-header", query=b"kind=" + kind.encode()))
     assert split(out.wire)[0] == "HTTP/1.1 500 Internal Server Error"
     assert b"evil" not in out.wire and b"X-Bad" not in out.wire and exchange.status == 500
 
@@ -394,7 +393,7 @@ def test_pacer_without_flow_control_coalesces_after_a_burst():
     assert pacer.fits(10 * HOLD_MAX)
     now = 100.0
     sent = []
-    for number in range(BURST):
+    for _ in range(BURST):
         pacer.add(b"x")
         sent += bodies(pacer.take(now))
     assert sent == [b"x"] * BURST, "the first blocks go at once"
