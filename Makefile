@@ -5,12 +5,12 @@ PYTHON ?= python3
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test deps system-deps docs bench bench-quick clean
+.PHONY: serve test deps system-deps browser-deps docs bench bench-quick clean
 
 serve: deps
 	$(VENV)/bin/circus-wsgi serve examples.hello:app --static /static=examples/static
 
-test: deps
+test: deps browser-deps
 	$(VENV)/bin/python -m pytest
 
 docs: deps
@@ -35,6 +35,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mongrel2-core; }
 
 deps: system-deps $(STAMP)
+
+# The console's browser tests drive Debian's own Chromium through its chromedriver.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)

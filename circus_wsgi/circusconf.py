@@ -3,7 +3,8 @@
 This module owns the circus side of a deployment: circusd's own endpoints (ipc
 sockets in the run dir; TCP only when the user set a tcp:// endpoint), circusd-stats
 for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
-``dispatcher`` (not in direct mode) and ``workers``, the environment of the workers
+``dispatcher`` (not in direct mode) and ``workers`` (and ``metrics`` and
+``console`` when asked for), the environment of the workers
 and of mongrel2 (glibc malloc tuning, :mod:`.memory`), and the flapping plugin.
 
 circus reads the file with its own parser, which differs from Python's
@@ -211,20 +212,24 @@ def _env_sections(settings: Settings) -> list[Section]:
     return sections
 
 
-def _metrics_section(settings: Settings, run: RunDir) -> Section:
-    argv = _python("circus_wsgi", "metrics",
-                   *settings.to_argv(["run_dir", "metrics", "endpoint", "log_level"]))
-    if settings.metrics_token:
-        token = settings.metrics_token
-        argv += ["--metrics-token", token if token.startswith("@") else f"@{run.metrics_token}"]
-    return ("watcher:metrics", "The Prometheus endpoint (circus-wsgi metrics).", {
+def _http_watcher_section(settings: Settings, name: str, token_file: Path,
+                          comment: str) -> Section:
+    """The watcher of ``circus-wsgi NAME`` (metrics, console): it listens where the
+    setting NAME says, and reads the token of ``NAME_token`` from a file, never from its
+    command line (``token_file`` when the settings hold the token itself)."""
+    argv = _python("circus_wsgi", name,
+                   *settings.to_argv(["run_dir", name, "endpoint", "log_level"]))
+    token = getattr(settings, f"{name}_token")
+    if token:
+        argv += [f"--{name}-token", token if token.startswith("@") else f"@{token_file}"]
+    return (f"watcher:{name}", comment, {
         "cmd": _command(argv),
         "working_dir": "/",
         "singleton": "True",
         "numprocesses": "1",
         "priority": "0",
         "copy_env": "True",
-        **_streams("metrics"),
+        **_streams(name),
     })
 
 
@@ -247,6 +252,7 @@ def _flapping_section(settings: Settings) -> Section:
         "window": _number(settings.flapping_window),
         "retry_in": _number(settings.flapping_retry_in),
         "retries": str(settings.flapping_max_retry),  # max_retry is also circus's own
+        "run_dir": _raw("run_dir", settings.run_dir, settings.run_dir),  # notes decisions
     })
 
 
@@ -279,7 +285,11 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
     if settings.metrics:
-        sections.append(_metrics_section(settings, run))
+        sections.append(_http_watcher_section(settings, "metrics", run.metrics_token,
+                                              "The Prometheus endpoint (circus-wsgi metrics)."))
+    if settings.console:
+        sections.append(_http_watcher_section(settings, "console", run.console_token,
+                                              "The web console (circus-wsgi console)."))
     sections += _env_sections(settings)
     sections.append(_flapping_section(settings))
     if settings.autoscaling:

@@ -42,9 +42,10 @@ def write_configs(settings: Settings, directory: str | os.PathLike[str]) -> dict
     ini_path = directory / "circus.ini"
     ini_text = circus_ini(resolved, directory / "config.sqlite")
     directory.mkdir(parents=True, exist_ok=True)
-    RunDir(Path(resolved.run_dir)).create()
+    run = RunDir(Path(resolved.run_dir)).create()
     sqlite_path, conf_path = write_mongrel2_config(resolved, directory)
-    _write_secret(resolved.metrics_token, RunDir(Path(resolved.run_dir)).metrics_token)
+    _write_secret(resolved.metrics_token, run.metrics_token)
+    _write_secret(resolved.console_token, run.console_token)
     ini_path.touch(mode=0o600)
     ini_path.chmod(0o600)  # before writing: it may hold secrets in the workers' environment
     ini_path.write_text(ini_text)

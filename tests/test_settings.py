@@ -74,6 +74,8 @@ VALID = [
     ("mounts", ["/api=pkg:api"], (("/api", "pkg:api"),)),
     ("static", {"/s": STATIC}, (("/s", STATIC),)),
     ("static", [("/s/", "examples/static")], (("/s/", os.path.abspath("examples/static")),)),
+    ("console", "8001", "127.0.0.1:8001"), ("console", "0.0.0.0:8001", "0.0.0.0:8001"),
+    ("console", "", ""), ("console_token", " abc ", "abc"), ("console_token", "@/t", "@/t"),
 ]
 
 
@@ -115,6 +117,8 @@ INVALID = [
     ("mounts", [("/a=b", "m:a")], "no space, = or ("), ("mounts", ["/a b=m:a"], "no space"),
     ("static", ["/s=/no/such/dir"], "does not exist"), ("static", ["/s"], "PREFIX=DIR"),
     ("static", {"s": STATIC}, "start with /"),
+    ("console", "0", "port from 1 to 65535"), ("console", "example.com:80", "IP address"),
+    ("console_token", "a b", "without spaces"),
 ]
 
 
@@ -228,8 +232,9 @@ EVERY_SETTING = {
 #: The settings that cannot go with EVERY_SETTING's (autoscaling needs the dispatcher),
 #: and the secret ones, which a command line never carries.
 ALSO = {"workers_min": 2, "workers_max": 6, "scale_down_idle": 5.5,
-        "metrics": "0.0.0.0:9100", "metrics_token": "s3cret"}
-SECRETS = {"metrics_token"}
+        "metrics": "0.0.0.0:9100", "metrics_token": "s3cret",
+        "console": "[::1]:9200", "console_token": "@/run/s3cret"}
+SECRETS = {"metrics_token", "console_token"}
 
 
 def test_every_setting_round_trips_through_the_command_line() -> None:
@@ -240,7 +245,8 @@ def test_every_setting_round_trips_through_the_command_line() -> None:
         argv = settings.to_argv()
         assert not [word for word in argv if "s3cret" in word]
         public = {k: v for k, v in values.items() if k not in SECRETS}
-        assert from_cli(argv + ["--metrics-token", "s3cret"] * ("metrics" in values)) == \
+        secrets = [f"--{name.replace('_', '-')}={values[name]}" for name in SECRETS & set(values)]
+        assert from_cli(argv + secrets) == \
             Settings(**public, **{k: values[k] for k in SECRETS & set(values)})
 
 
