@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hmac
 import html
+import ipaddress
 import json
 import logging
 import secrets
 import sys
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
@@ -99,11 +99,14 @@ class Live:
 
     def _run(self) -> None:
         while True:
-            look = self.monitor.look()
-            with self.changed:
-                self.trends.add(look)
-                self.version += 1
-                self.changed.notify_all()
+            try:
+                look = self.monitor.look()
+                with self.changed:
+                    self.trends.add(look)
+                    self.version += 1
+                    self.changed.notify_all()
+            except Exception:  # the page shows the last view; the next look may do better
+                log.exception("console: a look at the stack failed")
             self.woken.wait(self.every)
             self.woken.clear()
 
@@ -404,6 +407,10 @@ def run_console(settings: Settings) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     port = server.server_address[1]
+    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        print(f"circus-wsgi console: warning: listening on {url(host, port)} over plain HTTP: "
+              "its token and session cookie cross the network in clear (an SSH tunnel or a "
+              "TLS proxy in front keeps them private)", file=sys.stderr)
     server.set_app(ConsoleApp(live, Steering(monitor.endpoint), token,
                               cookie_name=f"circus_wsgi_console_{port}"))
     live.start()

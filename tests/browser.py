@@ -21,7 +21,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-         "--window-size=1400,1600")
+         "--hide-scrollbars", "--window-size=1400,1600")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -219,13 +220,14 @@ def plot(driver, name: str) -> tuple[int, float | None]:
 
 
 def busy_with(driver, path: str) -> list[tuple[int, str, float]]:
-    """(pid, request, seconds) of the workers the page shows running ``path``."""
+    """(pid, request, seconds) of each request the page shows a busy worker running,
+    whose text holds ``path``."""
     rows = driver.execute_script(
-        "return [...document.querySelectorAll('#workers tbody tr')].map((r) => "
-        "[Number(r.dataset.pid), r.dataset.state, r.querySelector('td.running').textContent,"
-        " r.querySelector('td.seconds').textContent])")
-    return [(pid, request, float(seconds.split()[0])) for pid, state, request, seconds in rows
-            if state == "busy" and path in request and seconds]
+        "return [...document.querySelectorAll('#workers tbody tr[data-state=busy]')]"
+        ".flatMap((r) => [...r.querySelectorAll('.request')].map((q) => [Number(r.dataset.pid),"
+        " q.textContent, q.querySelector('.seconds').textContent]))")
+    return [(pid, request, float(seconds.split()[0])) for pid, request, seconds in rows
+            if path in request]
 
 
 def test_under_load_the_plots_and_a_busy_workers_request_show(served, browser) -> None:
@@ -396,3 +398,10 @@ def test_the_flapping_plugins_decisions_show() -> None:
             assert decisions[0]["at"] > decisions[1]["at"] > decisions[2]["at"]
         finally:
             served.process.stop(30)
+
+
+def test_the_console_command_says_what_it_needs() -> None:
+    result = subprocess.run([CIRCUS_WSGI, "console"], capture_output=True, text=True,
+                            timeout=30, env=python_env())
+    assert result.returncode == 2
+    assert result.stderr.strip() == "circus-wsgi console: give --run-dir of the running stack"

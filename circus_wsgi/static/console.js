@@ -113,21 +113,24 @@
 
   // ---------------------------------------------------------------- tables
 
+  function slowness(seconds) {
+    return seconds >= 10 ? "stuck" : seconds >= 1 ? "slow" : "";
+  }
+
   function renderWorkers(workers) {
     fill(document.querySelector("#workers tbody"), workers.map((worker) => {
       const running = worker.running || [];
-      const longest = running.reduce((m, r) => Math.max(m, r.seconds), 0);
       const requests = running.length
-        ? el("span", {}, ...running.map((r) => el("span", {class: "request"},
-            el("b", {}, r.method), " " + r.path)))
+        ? el("span", {}, ...running.map((r) => el("span", {class: "request " + slowness(r.seconds)},
+            ...(r.method ? [el("b", {}, r.method), " " + r.path + " "]
+              : ["(taken before the dispatcher restarted) "]),
+            el("span", {class: "seconds"}, number(r.seconds, 1) + " s"))))
         : el("span", {class: "muted"}, worker.state === "busy" ? "(between requests)" : "–");
-      const slow = longest >= 10 ? "stuck" : longest >= 1 ? "slow" : "";
-      return el("tr", {"data-pid": worker.pid, "data-state": worker.state, class: slow},
+      return el("tr", {"data-pid": worker.pid, "data-state": worker.state},
         el("td", {}, worker.wid === null ? "–" : worker.wid),
         el("td", {class: "pid"}, worker.pid),
         el("td", {}, el("span", {class: "state " + worker.state}, worker.state)),
         el("td", {class: "running"}, requests),
-        el("td", {class: "seconds"}, running.length ? number(longest, 1) + " s" : ""),
         el("td", {}, worker.holding),
         el("td", {}, worker.completed),
         el("td", {class: "row-actions"},
@@ -190,7 +193,8 @@
   function render(status) {
     latest = status;
     const badge = document.getElementById("connection");
-    if (status.dispatcher === null) {
+    const dispatched = status.watchers.some((w) => w.name === "dispatcher");
+    if (status.dispatcher === null && dispatched) {
       badge.textContent = "dispatcher not answering";
       badge.className = "badge warn";
     } else if (!status.circus) {
