@@ -95,20 +95,25 @@ class Live:
         self.woken = threading.Event()
 
     def start(self) -> None:
+        """Take the first look (so there is a view to serve), then one every second."""
+        self._look()
         threading.Thread(target=self._run, name="looks", daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            try:
-                look = self.monitor.look()
-                with self.changed:
-                    self.trends.add(look)
-                    self.version += 1
-                    self.changed.notify_all()
-            except Exception:  # the page shows the last view; the next look may do better
-                log.exception("console: a look at the stack failed")
             self.woken.wait(self.every)
             self.woken.clear()
+            self._look()
+
+    def _look(self) -> None:
+        try:
+            look = self.monitor.look()
+            with self.changed:
+                self.trends.add(look)
+                self.version += 1
+                self.changed.notify_all()
+        except Exception:  # the page shows the last view; the next look may do better
+            log.exception("console: a look at the stack failed")
 
     def wake(self) -> None:
         """Look again now (an action changed something)."""
@@ -212,8 +217,9 @@ class ConsoleApp:
 
     def _answer(self, environ: dict[str, Any]) -> tuple[str, list, Any]:
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
-        if method == "GET" and path == "/" and "token" in parse_qs(environ.get("QUERY_STRING", "")):
-            return self._login(environ)
+        token = parse_qs(environ.get("QUERY_STRING", "")).get("token")
+        if method == "GET" and path == "/" and token:
+            return self._login(environ, token[0])
         csrf = self._csrf_of(environ)
         if csrf is None:
             return self._unauthorized(path, "You are not logged in, or the console was "
@@ -244,8 +250,9 @@ class ConsoleApp:
 
     # -- authentication
 
-    def _login(self, environ: dict[str, Any]) -> tuple[str, list, Any]:
-        given = parse_qs(environ.get("QUERY_STRING", "")).get("token", [""])[0]
+    def _login(self, environ: dict[str, Any], given: str) -> tuple[str, list, Any]:
+        """A valid ``?token=`` begins a session; the redirect drops the token from the
+        address bar."""
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return self._unauthorized("/", "That token is not this console's (it changes "
                                       "at every start unless console_token is set).")

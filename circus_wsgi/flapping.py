@@ -42,7 +42,8 @@ What it fixes in circus 0.19's ``circus.plugins.flapping.Flapping``:
   ``attempts * check_delay / N``. Retries are granted afresh once a watcher
   runs a whole window without a crash.
 - Its decisions are logged, and with ``run_dir`` noted to the dispatcher
-  (:func:`circus_wsgi.status.send_note`), which keeps them for the console. circusd sends a plugin's stdout and stderr to
+  (:func:`circus_wsgi.status.send_note`), which keeps them for the console.
+  circusd sends a plugin's stdout and stderr to
   /dev/null unless ``[circus] debug = True``, which streams them to circusd's
   stdout (and runs plugins at log level DEBUG); a ``[plugin:...]`` section
   cannot set a stream.
