@@ -7,12 +7,12 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 MONGREL2_PREFIX := $(VENV)/mongrel2
 
-.PHONY: serve test test-trixie deps system-deps docs bench bench-quick clean
+.PHONY: serve test test-trixie deps system-deps browser-deps docs bench bench-quick clean
 
 serve: deps
 	$(VENV)/bin/circus-wsgi serve examples.hello:app --static /static=examples/static
 
-test: deps
+test: deps browser-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
@@ -46,6 +46,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q logrotate curl; }
 
 deps: system-deps $(STAMP)
+
+# The console's browser tests drive Debian's own Chromium through its chromedriver.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)

@@ -6,7 +6,7 @@ for circus-top, multicast discovery turned off, the watchers ``mongrel2``,
 ``dispatcher`` (not in direct mode), ``workers`` and ``reloader`` (with reload), the
 environment of the workers and of mongrel2 (glibc malloc tuning, :mod:`.memory`; the
 library path of a mongrel2 in a prefix of its own, :mod:`.mongrel2_binary`), the
-flapping and autoscaling plugins, the metrics endpoint, the user every process but
+flapping and autoscaling plugins, the metrics endpoint and the console, the user every process but
 circusd runs as (:mod:`.privileges`), and the plain-HTTP port that redirects to HTTPS
 (:mod:`.redirect`).
 
@@ -297,20 +297,24 @@ def _env_sections(settings: Settings, binary: Mongrel2Binary) -> list[Section]:
     return sections
 
 
-def _metrics_section(settings: Settings, run: RunDir) -> Section:
-    argv = _python("circus_wsgi", "metrics",
-                   *settings.to_argv(["run_dir", "metrics", "endpoint", "log_level"]))
-    if settings.metrics_token:
-        token = settings.metrics_token
-        argv += ["--metrics-token", token if token.startswith("@") else f"@{run.metrics_token}"]
-    return ("watcher:metrics", "The Prometheus endpoint (circus-wsgi metrics).", {
+def _http_watcher_section(settings: Settings, name: str, token_file: Path,
+                          comment: str) -> Section:
+    """The watcher of ``circus-wsgi NAME`` (metrics, console): it listens where the
+    setting NAME says, and reads the token of ``NAME_token`` from a file, never from its
+    command line (``token_file`` when the settings hold the token itself)."""
+    argv = _python("circus_wsgi", name,
+                   *settings.to_argv(["run_dir", name, "endpoint", "log_level"]))
+    token = getattr(settings, f"{name}_token")
+    if token:
+        argv += [f"--{name}-token", token if token.startswith("@") else f"@{token_file}"]
+    return (f"watcher:{name}", comment, {
         "cmd": _command(argv),
         "working_dir": "/",
         "singleton": "True",
         "numprocesses": "1",
         "priority": "0",
         "copy_env": "True",
-        **_streams("metrics"),
+        **_streams(name),
         **_run_as(settings),
     })
 
@@ -335,6 +339,7 @@ def _flapping_section(settings: Settings, run: RunDir) -> Section:
         "window": _number(settings.flapping_window),
         "retry_in": _number(settings.flapping_retry_in),
         "retries": str(settings.flapping_max_retry),  # max_retry is also circus's own
+        "run_dir": _raw("run_dir", settings.run_dir, settings.run_dir),  # notes decisions
     })
 
 
@@ -379,7 +384,11 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))
     if settings.metrics:
-        sections.append(_metrics_section(settings, run))
+        sections.append(_http_watcher_section(settings, "metrics", run.metrics_token,
+                                              "The Prometheus endpoint (circus-wsgi metrics)."))
+    if settings.console:
+        sections.append(_http_watcher_section(settings, "console", run.console_token,
+                                              "The web console (circus-wsgi console)."))
     if settings.reload:
         sections.append(_reloader_section(settings))
     sections += _redirect_sections(settings)

@@ -1,4 +1,5 @@
-"""The ``circus-wsgi`` command: serve, config, worker, dispatcher, reloader, status.
+"""The ``circus-wsgi`` command: serve, config, worker, dispatcher, reloader, status,
+metrics, console.
 
 Every subcommand takes the same setting flags, made from
 :data:`circus_wsgi.settings.SETTINGS`; ``--settings FILE`` loads a Python
@@ -71,6 +72,12 @@ def _reloader(settings: Settings, args: argparse.Namespace) -> int:
     return run_reloader(settings)
 
 
+def _console(settings: Settings, args: argparse.Namespace) -> int:
+    from .console import run_console
+
+    return run_console(settings)
+
+
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from .status import print_status
 
@@ -88,6 +95,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[Settings, argparse.Namespace], int]]] 
     "status": ("print the dispatcher's counters: queue, busy and idle workers, 5xx", _status),
     "metrics": ("serve GET /metrics for Prometheus (what circus runs for the metrics "
                 "watcher)", _metrics),
+    "console": ("serve the web console of the stack in --run-dir (what circus runs for the "
+                "console watcher; without --console, on a free port of 127.0.0.1)", _console),
 }
 
 

@@ -59,6 +59,7 @@ def write_configs(settings: Settings, directory: str | os.PathLike[str]) -> dict
         tls.install(resolved, run, owner)
     sqlite_path, conf_path = write_mongrel2_config(resolved, directory)
     _write_secret(resolved.metrics_token, run.metrics_token, owner)
+    _write_secret(resolved.console_token, run.console_token, owner)
     ini_path.touch(mode=0o600)
     ini_path.chmod(0o600)  # before writing: it may hold secrets in the workers' environment
     ini_path.write_text(ini_text)

@@ -12,6 +12,7 @@ Configured like the stock plugin; a watcher may override each option with
     window = 5          # ... within this many seconds are a crash loop:
     retry_in = 10       # stop the watcher and start it again this much later,
     retries = 2         # this many times; then stop it for good (-1: never)
+    run_dir = /srv/app/run   # optional: note each decision to the stack's dispatcher
 
 What it fixes in circus 0.19's ``circus.plugins.flapping.Flapping``:
 
@@ -40,7 +41,9 @@ What it fixes in circus 0.19's ``circus.plugins.flapping.Flapping``:
   crashes per ``check_delay``: keep ``window`` above
   ``attempts * check_delay / N``. Retries are granted afresh once a watcher
   runs a whole window without a crash.
-- Its decisions are logged. circusd sends a plugin's stdout and stderr to
+- Its decisions are logged, and with ``run_dir`` noted to the dispatcher
+  (:func:`circus_wsgi.status.send_note`), which keeps them for the console.
+  circusd sends a plugin's stdout and stderr to
   /dev/null unless ``[circus] debug = True``, which streams them to circusd's
   stdout (and runs plugins at log level DEBUG); a ``[plugin:...]`` section
   cannot set a stream.
@@ -58,11 +61,16 @@ from circus.util import to_bool
 
 from circus_wsgi import exits
 from circus_wsgi.lifeline import die_with_parent
+from circus_wsgi.settings import Settings
+from circus_wsgi.status import send_note
 
 log = logging.getLogger(__name__)
 
 #: How long to keep asking circusd to start or stop a watcher while it is busy.
 COMMAND_DEADLINE = 5.0
+#: How long a note of a decision may hold up the plugin (the dispatcher may be the
+#: watcher it stopped).
+NOTE_TIMEOUT = 0.25
 
 
 class Flapping(flapping.Flapping):
@@ -82,6 +90,7 @@ class Flapping(flapping.Flapping):
         self.stopping: set[str] = set()
         #: Per watcher, the time of its last counted crash or retry.
         self.last_trouble: dict[str, float] = {}
+        self.stack = Settings(run_dir=config["run_dir"]) if config.get("run_dir") else None
 
     def handle_init(self) -> None:
         die_with_parent()
@@ -132,18 +141,25 @@ class Flapping(flapping.Flapping):
             self.timers[name] = self.loop.call_later(retry_in, self.retry, name)
             self.tries[name] = tries + 1
             of = "unlimited" if max_retry == flapping.INFINITE_RETRY else max_retry
-            log.warning("%s: crash loop: watcher stopped; retry %d of %s in %gs",
-                        name, tries + 1, of, retry_in)
+            self.decided(logging.WARNING, name, "stop", "crash loop: watcher stopped; "
+                         f"retry {tries + 1} of {of} in {retry_in:g}s")
         else:
             self.reset(name)
-            log.error("%s: crash loop: watcher stopped for good after %d retries; "
-                      "fix it, then `circusctl start %s`", name, tries, name)
+            self.decided(logging.ERROR, name, "give up", "crash loop: watcher stopped for "
+                         f"good after {tries} retries; fix it, then `circusctl start {name}`")
 
     def retry(self, name: str) -> None:
         del self.timers[name]
         self.last_trouble[name] = time.time()
-        log.warning("%s: retrying: starting the watcher", name)
+        self.decided(logging.WARNING, name, "retry", "retrying: starting the watcher")
         self.command("start", name)
+
+    def decided(self, level: int, name: str, action: str, detail: str) -> None:
+        """Log a decision about watcher ``name`` and note it to the dispatcher."""
+        log.log(level, "%s: %s", name, detail)
+        if self.stack is not None:
+            send_note(self.stack, {"by": "flapping", "action": action, "reason": name,
+                                   "detail": f"{name}: {detail}"}, timeout=NOTE_TIMEOUT)
 
     def command(self, command: str, name: str) -> bool:
         """Start or stop a watcher; circusd refuses while it runs another command."""

@@ -11,14 +11,9 @@ says; with :setting:`metrics_token`, every scrape must carry
 
 from __future__ import annotations
 
-import hmac
 import logging
-import socket
 import sys
-from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any, Callable, Iterable, Iterator
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -26,6 +21,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.registry import Collector
 
 from .exits import EXIT_OK, EXIT_USAGE
+from .httpserver import (address_url, bearer_matches, make_listener, read_token,
+                         serve_until_killed, split_address)
 from .lifeline import die_with_parent
 from .monitor import Look, Monitor
 from .settings import Settings
@@ -34,13 +31,6 @@ log = logging.getLogger("circus_wsgi.metrics")
 
 #: The watchers whose processes are measured.
 WATCHERS = ("mongrel2", "dispatcher", "workers")
-
-
-def read_token(value: str) -> str:
-    """A token setting's token: the value, or the first line of the file ``@FILE``."""
-    if value.startswith("@"):
-        return Path(value[1:]).read_text().strip()
-    return value
 
 
 class StackCollector(Collector):
@@ -138,33 +128,17 @@ def _histogram(name: str, documentation: str, labels: list[str],
 
 def authorized(app: Callable, token: str) -> Callable:
     """``app`` behind a bearer token (none: open), answering only GET /metrics."""
-    expected = f"Bearer {token}".encode()
-
     def guarded(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != "/metrics":
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"only /metrics here\n"]
-        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
-        if token and not hmac.compare_digest(given, expected):
+        if token and not bearer_matches(environ, token):
             start_response("401 Unauthorized", [("Content-Type", "text/plain"),
                                                 ("WWW-Authenticate", "Bearer")])
             return [b"send Authorization: Bearer TOKEN (the metrics_token setting)\n"]
         return app(environ, start_response)
 
     return guarded
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per scrape would only fill the log
 
 
 def run_metrics(settings: Settings) -> int:
@@ -182,16 +156,8 @@ def run_metrics(settings: Settings) -> int:
         return EXIT_USAGE
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StackCollector(Monitor(settings)))
-    host, _, port = settings.metrics.rpartition(":")
-    host = host.strip("[]")
-    server = make_server(host, int(port), authorized(make_wsgi_app(registry), token),
-                         server_class=_Server6 if ":" in host else _Server,
-                         handler_class=_QuietHandler)
-    log.info("metrics at http://%s/metrics", settings.metrics)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server = make_listener(*split_address(settings.metrics),
+                           authorized(make_wsgi_app(registry), token))
+    log.info("metrics at %s/metrics", address_url(settings.metrics))
+    serve_until_killed(server)
     return EXIT_OK

@@ -82,6 +82,11 @@ class RunDir:
         return self.path / "metrics.token"
 
     @property
+    def console_token(self) -> Path:
+        """The console's token, written here for its watcher (mode 0600)."""
+        return self.path / "console.token"
+
+    @property
     def uploads(self) -> Path:
         """Directory of mongrel2's upload temp files."""
         return self.path / "uploads"

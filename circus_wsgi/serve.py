@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +46,7 @@ from .deploy import write_configs
 from .exits import EXIT_OK, EXIT_USAGE
 from .flapping import describe
 from .hooks import HookFailed, ServerHooks
+from .httpserver import address_url, read_token, split_address
 from .lifeline import die_with_parent
 from .mongrel2_binary import usable_mongrel2
 from .rundir import RunDir
@@ -60,7 +62,7 @@ IMPORT_TIMEOUT = 120.0
 #: How long processes left behind by a killed circusd get to exit after SIGTERM.
 ORPHAN_TIMEOUT = 5.0
 #: The watchers serve runs, as circus.ini names them.
-WATCHERS = ("mongrel2", "dispatcher", "workers", "metrics")
+WATCHERS = ("mongrel2", "dispatcher", "workers", "metrics", "console")
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -257,7 +259,7 @@ class Stack:
                 raise ServeError(f"circusd exited ({describe(self.circusd.returncode)}) "
                                  "before the stack was ready (see the log above)")
             if _listening(host, int(port)) and self._workers_ready() and \
-                    self._metrics_ready():
+                    self._listeners_ready():
                 return
             self._check_watchers(started)
             time.sleep(0.05)
@@ -277,11 +279,10 @@ class Stack:
                 raise ServeError(f"{name} crashed in a loop at start and circus stopped "
                                  f"its watcher (see the {name}. lines above)")
 
-    def _metrics_ready(self) -> bool:
-        if not self.settings.metrics:
-            return True
-        host, _, port = self.settings.metrics.rpartition(":")
-        return _listening(host.strip("[]"), int(port))
+    def _listeners_ready(self) -> bool:
+        """The metrics endpoint and the console listen, when asked for."""
+        return all(_listening(*split_address(address))
+                   for address in (self.settings.metrics, self.settings.console) if address)
 
     def _workers_ready(self) -> bool:
         if self.settings.mode == "direct":
@@ -410,7 +411,10 @@ def _announce(settings: Settings) -> None:
     print(f"Watch:   circus-top --endpoint {run.circus_stats}    "
           f"Status: circus-wsgi status --run-dir {settings.run_dir}", flush=True)
     if settings.metrics:
-        print(f"Metrics: http://{settings.metrics}/metrics", flush=True)
+        print(f"Metrics: {address_url(settings.metrics)}/metrics", flush=True)
+    if settings.console:
+        print(f"Console: {address_url(settings.console)}/?token="
+              f"{read_token(settings.console_token)}", flush=True)
 
 
 def preflight(settings: Settings) -> tuple[Settings, bool]:
@@ -425,6 +429,9 @@ def preflight(settings: Settings) -> tuple[Settings, bool]:
     if settings.metrics:
         check_port(settings.metrics, " (metrics)")
         check_token(settings.metrics_token, "metrics_token")
+    if settings.console:
+        check_port(settings.console, " (console)")
+        check_token(settings.console_token, "console_token")
     check_app(settings)
     return prepare_run_dir(settings)
 
@@ -453,6 +460,8 @@ def _run(settings: Settings, server_hooks: ServerHooks) -> int:
         print(f"circus-wsgi: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     run_dir = Path(settings.run_dir)
+    if settings.console and not settings.console_token:  # a new one at every start
+        settings = settings.replace(console_token=secrets.token_urlsafe(24))
     try:
         if settings.endpoint.startswith("tcp://"):
             print(f"circus-wsgi: warning: circusd listens on {settings.endpoint}: anyone on "

@@ -527,6 +527,14 @@ SETTINGS: tuple[Setting, ...] = (
        "A token scrapers must send as Authorization: Bearer TOKEN, or @FILE holding it. "
        "Needed when metrics listens on anything but a loopback address.", "TOKEN",
        secret=True),
+    _S("console", "monitoring", "", _listen,
+       "Serve the web console at http://HOST:PORT/ (HOST defaults to 127.0.0.1): the live "
+       "stack in a browser, and buttons that steer it through circus; off unless given.",
+       "[HOST:]PORT"),
+    _S("console_token", "monitoring", "", _secret,
+       "The console's token, or @FILE holding it: the ?token= of the URL serve prints, "
+       "exchanged for a session cookie, or Authorization: Bearer TOKEN for scripts. "
+       "Default: a new random token at every start.", "TOKEN", secret=True),
     # -- logging
     _S("access_log", "logging", "-", _text,
        "Where the workers write the access log: a file, - for stderr, or '' for none.", "FILE"),

@@ -86,12 +86,13 @@ def test_watchers_and_plugin(run_dir: Path, settings: Settings) -> None:
     assert argv[-3:] == ["--log-level", "warning", FLAPPING_PLUGIN]
     assert plugin == {"__name__": "plugin:flapping", "name": "plugin:flapping",
                       "use": FLAPPING_PLUGIN, "attempts": "3", "window": "5",
-                      "retry_in": "5", "retries": "2"}
+                      "retry_in": "5", "retries": "2", "run_dir": settings.run_dir}
     assert load(run_dir, settings.replace(
         flapping_attempts=7, flapping_window=0.5, flapping_retry_in=1.25,
         flapping_max_retry=0))["plugins"][0] | {"__name__": "", "cmd": ""} == {
         "__name__": "", "name": "plugin:flapping", "use": FLAPPING_PLUGIN, "attempts": "7",
-        "window": "0.5", "retry_in": "1.25", "retries": "0", "cmd": ""}
+        "window": "0.5", "retry_in": "1.25", "retries": "0", "run_dir": settings.run_dir,
+        "cmd": ""}
 
 
 def test_mongrel2_watcher(run_dir: Path, settings: Settings) -> None:
@@ -187,6 +188,24 @@ def test_dispatcher_watcher(run_dir: Path, settings: Settings) -> None:
     assert dispatcher["singleton"] is True
     assert dispatcher["stderr_stream"]["prefix"] == "dispatcher"
     assert "GREETING" not in dispatcher["env"]
+
+
+@pytest.mark.parametrize("name", ["console", "metrics"])
+def test_the_console_and_metrics_watchers_read_their_token_from_a_file(
+        run_dir: Path, name: str) -> None:
+    run = RunDir(run_dir / "run")
+    token_file = {"console": run.console_token, "metrics": run.metrics_token}[name]
+    for token, given in (("", None), ("s3cret", f"@{token_file}"), ("@/etc/t", "@/etc/t")):
+        settings = resolved(run_dir, **{name: "127.0.0.1:9300", f"{name}_token": token},
+                            log_level="debug")
+        found = watchers(load(run_dir, settings))
+        assert set(found) == {"circusd-stats", "mongrel2", "dispatcher", "workers", name}
+        watcher = found[name]
+        assert "s3cret" not in watcher["cmd"]
+        assert settings_from_cmd(watcher["cmd"], name) == Settings(
+            run_dir=settings.run_dir, log_level="debug", **{name: "127.0.0.1:9300"},
+            **({f"{name}_token": given} if given else {}))
+        assert watcher["singleton"] is True and watcher["stderr_stream"]["prefix"] == name
 
 
 def test_a_semicolon_after_a_space_survives_circus_comment_rule(run_dir: Path) -> None:

@@ -79,6 +79,8 @@ VALID = [
     ("pre_request", "pkg.hooks:pre", "pkg.hooks:pre"),
     ("on_exit", "/srv/site/settings.py:on_exit", "/srv/site/settings.py:on_exit"),
     ("post_worker_init", None, None),
+    ("console", "8001", "127.0.0.1:8001"), ("console", "0.0.0.0:8001", "0.0.0.0:8001"),
+    ("console", "", ""), ("console_token", " abc ", "abc"), ("console_token", "@/t", "@/t"),
 ]
 
 
@@ -125,6 +127,8 @@ INVALID = [
     ("reload_extra_files", 5, "list of paths"),
     ("pre_request", "hooks.pre", "MODULE:NAME or FILE.py:NAME"),
     ("on_starting", 5, "must be a function"),
+    ("console", "0", "port from 1 to 65535"), ("console", "example.com:80", "IP address"),
+    ("console_token", "a b", "without spaces"),
 ]
 
 
@@ -249,8 +253,9 @@ WITH_RELOAD = {"mode": "dispatcher", "reload": True,
 #: The settings that cannot go with EVERY_SETTING's (autoscaling needs the dispatcher),
 #: and the secret ones, which a command line never carries.
 ALSO = {"workers_min": 2, "workers_max": 6, "scale_down_idle": 5.5,
-        "metrics": "0.0.0.0:9100", "metrics_token": "s3cret"}
-SECRETS = {"metrics_token"}
+        "metrics": "0.0.0.0:9100", "metrics_token": "s3cret",
+        "console": "[::1]:9200", "console_token": "@/run/s3cret"}
+SECRETS = {"metrics_token", "console_token"}
 
 
 @pytest.mark.parametrize("values", [EVERY_SETTING, {**EVERY_SETTING, **WITH_RELOAD}, ALSO],
@@ -263,8 +268,7 @@ def test_every_setting_round_trips_through_the_command_line(values: dict) -> Non
     argv = settings.to_argv()
     assert not [word for word in argv if "s3cret" in word]  # secrets never on one
     public = {k: v for k, v in values.items() if k not in SECRETS}
-    secrets = [word for k in SECRETS & set(values) for word in (f"--{k.replace('_', '-')}",
-                                                                 values[k])]
+    secrets = [f"--{name.replace('_', '-')}={values[name]}" for name in SECRETS & set(values)]
     assert from_cli(argv + secrets) == Settings(**public, **{k: values[k] for k in
                                                               SECRETS & set(values)})
 
