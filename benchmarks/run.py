@@ -107,6 +107,8 @@ class Launch:
     argv: list[str]
     cwd: Path = ROOT
     cleanup: Callable[[], None] | None = None
+    namespace: str = ""  # the network namespace its port is in: clients run there
+    ready: Callable[[], bool] | None = None  # more to wait for than a 200 (and workers)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,27 @@ def circus_wsgi(threads: int, direct: bool = False) -> Callable[[int], Launch]:
             argv += ["--mode", "direct", "--flow-control", "false"]
         return Launch(argv + SERVE_ARGS)
     return launch
+
+
+def two_hosts(port: int) -> Launch:
+    """circus-wsgi with one local worker and one in another network namespace, through a
+    veth pair (:mod:`benchmarks.two_hosts`); ready once the remote one has announced."""
+    from circus_wsgi.settings import Settings
+    from circus_wsgi.status import read_status
+
+    tag = os.urandom(3).hex()
+    run_dir = f"/tmp/cw-bench-{tag}"
+
+    def remote_announced() -> bool:
+        try:
+            status = read_status(Settings(run_dir=run_dir), timeout=1)
+        except OSError:  # TimeoutError: not running (yet)
+            return False
+        return any(worker["host"] for worker in status["workers"].values())
+
+    return Launch([sys.executable, "-m", "benchmarks.two_hosts", str(port), tag, run_dir,
+                   *SERVE_ARGS], namespace=f"cwf-{tag}", ready=remote_announced,
+                  cleanup=lambda: shutil.rmtree(run_dir, ignore_errors=True))
 
 
 def gunicorn(worker_class: str) -> Callable[[int], Launch]:
@@ -261,6 +284,12 @@ SERVERS = (
            _master_and_workers),
     Server("circus-direct", "circus-wsgi direct (no dispatcher)", circus_wsgi(1, direct=True),
            _circus_group, python_side=("dispatcher", "workers")),
+    Server("circus-remote", "circus-wsgi, 1 local + 1 remote worker", two_hosts, _circus_group,
+           scenarios=("hello", "big"), python_side=("dispatcher", "workers"),
+           note="``python -m benchmarks.two_hosts PORT TAG RUN_DIR``: the front (mongrel2, the "
+           "dispatcher, one worker) in one network namespace, a worker host (``--role "
+           "workers``, one worker) in another, joined by a veth pair, CURVE on; the load "
+           "generator runs in the front's namespace."),
     Server("granian", "Granian WSGI", granian, _master_and_workers),
     Server("waitress", "Waitress 1x4 threads", waitress, _single("workers")),
     Server("m2-null-dispatcher", "dispatcher + null workers (ceiling)",
@@ -327,6 +356,10 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+GET_STATUS = ("import sys; sys.path.insert(0, %r); from benchmarks.run import _get; "
+              "print(_get(sys.argv[1]))" % str(ROOT))
+
+
 def _get(url: str, timeout: float = 1.0) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -375,11 +408,27 @@ class Running:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.server.name} exited with {self.process.returncode};"
                                    f" see {self.log_path.relative_to(ROOT)}")
-            if _get(url) == 200 and self._workers_up():
+            if self.get(url) == 200 and self._workers_up() and \
+                    (self.launch.ready is None or self.launch.ready()):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.server.name} not ready within {START_TIMEOUT:.0f} s; "
                            f"see {self.log_path.relative_to(ROOT)}")
+
+    def client(self, argv: list[str]) -> list[str]:
+        """A client's argv, run where the server's port is."""
+        if not self.launch.namespace:
+            return argv
+        return ["ip", "netns", "exec", self.launch.namespace, *argv]
+
+    def get(self, url: str) -> int:
+        """The status of a GET of ``url`` (0: no answer), from where the port is."""
+        if not self.launch.namespace:
+            return _get(url)
+        argv = self.client([sys.executable, "-c", GET_STATUS, url])
+        with contextlib.suppress(subprocess.SubprocessError, ValueError):
+            return int(subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout)
+        return 0
 
     def _workers_up(self) -> bool:
         if self.server.group is not _circus_group:
@@ -582,7 +631,7 @@ def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads:
         argv = wrk_argv(url, scenario, duration, wrk_threads)
     before, machine_before = instance.cpu(), _machine_busy()
     started = time.monotonic()
-    output, loadgen_cpu = _bounded(argv, duration + 30)
+    output, loadgen_cpu = _bounded(instance.client(argv), duration + 30)
     wall = time.monotonic() - started
     after, machine_after = instance.cpu(), _machine_busy()
     report = _report_line(output)
@@ -640,8 +689,8 @@ def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, du
                     first = SCENARIOS_BY_NAME["hello"]
                     instance.wait_ready(first)
                     if warmup:
-                        _bounded(wrk_argv(instance.url(first), first, warmup, wrk_threads),
-                                 warmup + 30)
+                        _bounded(instance.client(wrk_argv(instance.url(first), first, warmup,
+                                                          wrk_threads)), warmup + 30)
                     for scenario in wanted:
                         run_duration = slow_duration if scenario.client == "slowmix" \
                             else duration
@@ -794,7 +843,8 @@ def profile(server: Server, duration: float, wrk_threads: int, out: Path) -> dic
     found: dict = {"server": server.name, "duration": duration, "targets": {}}
     with running(server, out / "logs") as instance:
         instance.wait_ready(scenario)
-        _bounded(wrk_argv(instance.url(scenario), scenario, 2, wrk_threads), 32)
+        _bounded(instance.client(wrk_argv(instance.url(scenario), scenario, 2, wrk_threads)),
+                 32)
         before = thread_cpu(instance)
         clean = measure(instance, scenario, duration, wrk_threads)
         after = thread_cpu(instance)

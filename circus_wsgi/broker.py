@@ -61,11 +61,19 @@ worker has read and deleted), it runs again on another worker, as a proxy such
 as nginx retries such a request on its next upstream; otherwise 502. Without a
 record, every request it held counts as running.
 
-A worker's free threads are its *slots*, handed out least recently freed first.
-While no thread is free, a worker may be given up to ``prefetch`` more requests
-(the one holding the fewest first), except one that has finished nothing for
-:data:`STALLED_WORKER` (it is busy with a slow request) or that gave requests
-back and has finished none since.
+A worker's free threads are its *slots*, handed out least recently freed first,
+those of this host's workers before those of remote ones (a request waits less
+on a worker that needs no network). While no thread is free, a worker may be
+given up to ``prefetch`` more requests (a local one first, then the one holding
+the fewest), except one that has finished nothing for :data:`STALLED_WORKER`
+plus its round trip (it is busy with a slow request) or that gave requests back
+and has finished none since.
+
+A remote worker has no board in shared memory: it asks before it begins a
+request (:meth:`Broker.take`), and is told which it may begin; what it was told
+counts as begun when it is gone. A remote worker also gets one request more per
+thread than ``prefetch``, to run while it asks for the next. An upload goes to
+this host's workers only: its body is a file here.
 
 Actions, collected in :attr:`Broker.actions` and taken by the dispatcher with
 :meth:`Broker.take_actions`: :class:`Fail` (answer with an error and close),
@@ -136,15 +144,19 @@ class Request:
 class Worker:
     """What the broker knows of one connected worker process."""
 
-    __slots__ = ("id", "pid", "threads", "free", "held", "handed", "returned", "progress",
-                 "leaving", "doomed", "exited", "dispatched", "completed", "failed")
+    __slots__ = ("id", "pid", "host", "threads", "free", "held", "handed", "began",
+                 "round_trip", "returned", "progress", "leaving", "doomed", "exited",
+                 "dispatched", "completed", "failed")
 
-    def __init__(self, identity: bytes, pid: int, received: int) -> None:
+    def __init__(self, identity: bytes, pid: int, received: int, host: str = "") -> None:
         self.id, self.pid = identity, pid
+        self.host = host  # "" for this host's, else the remote host's address
         self.threads = 1
         self.free = 0  # idle threads not yet given a request: one slot entry each
         self.held: dict[bytes, Request] = {}  # conn -> request, in hand-out order
         self.handed = received  # the number of the last request handed to it
+        self.began = received  # remote: the number of the last it was told to begin
+        self.round_trip = 0.0  # remote: seconds of a message there and back
         self.returned = False  # gave requests back: no prefetch until it finishes one
         self.progress = 0.0  # when it last finished a request or, idle, was given one
         self.leaving = False  # said it is stopping: takes nothing new
@@ -156,6 +168,11 @@ class Worker:
     def retired(self) -> bool:
         """Leaving, killed or exited: it gets no new request."""
         return self.leaving or self.doomed is not None or self.exited is not None
+
+    @property
+    def key(self) -> str:
+        """How the status names it: its pid, and a remote one's host before it."""
+        return f"{self.host}:{self.pid}" if self.host else str(self.pid)
 
     @property
     def state(self) -> str:
@@ -185,10 +202,12 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Kill:
-    """Kill the worker process ``pid``: it has been stuck on a request."""
+    """Kill the worker process ``pid`` (of ``host``, "" for this one): it has been stuck
+    on a request. (A remote one cannot be killed from here: it just gets nothing more.)"""
 
     pid: int
     reason: str
+    host: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +238,10 @@ class Broker:
         self.behind: dict[bytes, deque[Request]] = {}  # conn -> BEHIND its front, in order
         self.in_flight: dict[bytes, Request] = {}  # conn -> its front, held by a worker
         self.workers: dict[bytes, Worker] = {}
-        self.slots: deque[bytes] = deque()  # one entry per free slot, least recently freed first
+        # One entry per free slot, least recently freed first: this host's workers', and
+        # remote ones' (used only once no local one is free).
+        self.slots: deque[bytes] = deque()
+        self.remote_slots: deque[bytes] = deque()
         self.batches: dict[bytes, list[Request]] = {}  # handed out this turn, per worker
         self.actions: list[Action] = []
         # Totals since start: handed_out = completed + failed_held + given_back + requeued
@@ -291,13 +313,14 @@ class Broker:
     # ----------------------------------------------------------- workers
 
     def worker_ready(self, identity: bytes, pid: int, free: int, threads: int,
-                     received: int, now: float) -> None:
+                     received: int, now: float, host: str = "") -> None:
         """A worker announced itself (first on its connection, then now and again):
         ``free`` of its ``threads`` are idle; it has received ``received`` requests
-        before this connection (where this broker's numbering of them starts)."""
+        before this connection (where this broker's numbering of them starts);
+        ``host``: a remote worker's address ("" for this host's)."""
         worker = self.workers.get(identity)
         if worker is None:
-            worker = self.workers[identity] = Worker(identity, pid, received)
+            worker = self.workers[identity] = Worker(identity, pid, received, host)
         worker.leaving = False
         worker.threads = threads
         worker.free = free
@@ -356,8 +379,28 @@ class Broker:
                 spare = worker.threads - len(worker.held) - worker.free
                 if spare > 0:
                     worker.free += spare
-                    self.slots.extend([identity] * spare)
+                    (self.remote_slots if worker.host else self.slots).extend(
+                        [identity] * spare)
         return discard
+
+    def take(self, identity: bytes, indexes: Iterable[int]) -> list[int]:
+        """A remote worker asks to begin the requests numbered ``indexes``: those it
+        still holds unbegun may be (from now on they count as begun); the others ended
+        meanwhile (504, or its client left with a restarted mongrel2)."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return []
+        held = {r.index: r for r in worker.held.values() if r.state == HELD}
+        granted = [i for i in indexes if i in held]
+        if granted:
+            worker.began = max(worker.began, *granted)
+        return granted
+
+    def round_trip(self, identity: bytes, seconds: float) -> None:
+        """A remote worker's messages take ``seconds`` there and back (a recent measure)."""
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.round_trip = seconds
 
     def returned(self, identity: bytes, conns: Iterable[bytes], now: float) -> None:
         """The worker gives back requests it has not begun: to the head of the queue,
@@ -443,8 +486,12 @@ class Broker:
                 if worker is not None and worker.free > 0 and not worker.retired:
                     worker.free -= 1
                     break
-            else:
-                worker = self._prefetch_target(now)
+            else:  # (an upload's body is a file on this host: for this host's workers only)
+                local_only = request.upload is not None
+                worker = self._remote_slot() if self.remote_slots and not local_only \
+                    else None
+                if worker is None:
+                    worker = self._prefetch_target(now, local_only)
                 if worker is None:
                     queue.appendleft(request)
                     return
@@ -465,15 +512,31 @@ class Broker:
             else:
                 batch.append(request)
 
-    def _prefetch_target(self, now: float) -> Worker | None:
-        """The worker with room beyond its threads that holds the fewest requests,
-        leaving out those that have finished nothing for :data:`STALLED_WORKER`."""
+    def _remote_slot(self) -> Worker | None:
+        """A free slot of a remote worker (taken), or None."""
+        while self.remote_slots:
+            worker = self.workers.get(self.remote_slots.popleft())
+            if worker is not None and worker.free > 0 and not worker.retired:
+                worker.free -= 1
+                return worker
+        return None
+
+    def _prefetch_target(self, now: float, local_only: bool = False) -> Worker | None:
+        """The worker with room beyond its threads that holds the fewest requests, a local
+        one before a remote one (``local_only``: no remote one), leaving out those that
+        have finished nothing for :data:`STALLED_WORKER` (and, remote, their round trip)."""
         best, fewest = None, None
         stalled = now - STALLED_WORKER
         limit = self.prefetch
         for worker in self.workers.values():
             held = len(worker.held)
-            if worker.returned or worker.retired or held >= worker.threads + limit or \
+            if worker.host:  # remote: one more per thread, and it takes a round trip
+                if local_only or worker.returned or worker.retired or \
+                        held >= 2 * worker.threads + limit or \
+                        worker.progress < stalled - worker.round_trip:
+                    continue
+                held += 1 << 20  # after any local one
+            elif worker.returned or worker.retired or held >= worker.threads + limit or \
                     worker.progress < stalled:
                 continue
             if fewest is None or held < fewest:
@@ -526,7 +589,8 @@ class Broker:
         self._fail(request, now, 504, "response not started within timeout")
         if worker.doomed is None:
             worker.doomed = now
-            self.actions.append(Kill(worker.pid, f"stuck for {self.timeout:g}s on a request"))
+            self.actions.append(Kill(worker.pid, f"stuck for {self.timeout:g}s on a request",
+                                     worker.host))
             self._rebuild_slots()
 
     def refused(self, status: int, reason: str, method: bytes) -> None:
@@ -624,18 +688,23 @@ class Broker:
 
     def _rebuild_slots(self) -> None:
         """One slot entry per free thread of each worker that takes work, in LRU order."""
+        self.slots = self._slots_of(self.slots, remote=False)
+        self.remote_slots = self._slots_of(self.remote_slots, remote=True)
+
+    def _slots_of(self, slots: deque[bytes], remote: bool) -> deque[bytes]:
         seen: Counter[bytes] = Counter()
         kept: deque[bytes] = deque()
         workers = self.workers
-        for identity in self.slots:
+        for identity in slots:
             worker = workers.get(identity)
             if worker is not None and not worker.retired and seen[identity] < worker.free:
                 seen[identity] += 1
                 kept.append(identity)
         for identity, worker in workers.items():
-            if not worker.retired and worker.free > seen[identity]:
+            if bool(worker.host) == remote and not worker.retired and \
+                    worker.free > seen[identity]:
                 kept.extend([identity] * (worker.free - seen[identity]))
-        self.slots = kept
+        return kept
 
     # ------------------------------------------------------------ reading
 
@@ -669,8 +738,9 @@ class Broker:
             "durations": self.durations.snapshot(),
             "waits": self.waits.snapshot(),
             "workers": {
-                str(w.pid): {"state": w.state, "free": w.free, "holding": len(w.held),
-                             "leaving": w.leaving, "dispatched": w.dispatched,
-                             "completed": w.completed, "failed": w.failed}
+                w.key: {"state": w.state, "host": w.host, "pid": w.pid, "free": w.free,
+                        "holding": len(w.held), "leaving": w.leaving,
+                        "dispatched": w.dispatched, "completed": w.completed,
+                        "failed": w.failed}
                 for w in workers},
         }

@@ -290,11 +290,14 @@ def _env_sections(settings: Settings, binary: Mongrel2Binary) -> list[Section]:
     if mongrel2_env:
         sections.append(_env_section("mongrel2", "mongrel2's environment: " + "; ".join(why)
                                      + ".", mongrel2_env))
+    return sections + _workers_env_sections(settings)
+
+
+def _workers_env_sections(settings: Settings) -> list[Section]:
     env = dict(settings.env)  # a name given twice: the last value wins, as in os.environ
-    if env:
-        sections.append(_env_section(
-            "workers", "Environment variables of the workers (setting env).", env))
-    return sections
+    if not env:
+        return []
+    return [_env_section("workers", "Environment variables of the workers (setting env).", env)]
 
 
 def _http_watcher_section(settings: Settings, name: str, token_file: Path,
@@ -377,9 +380,12 @@ def _sections(settings: Settings, mongrel2_db: Path) -> list[Section]:
     _check_settings_text(settings)
     _check_virtualenv(settings)
     run = RunDir(Path(settings.run_dir))
+    sections = [_circus_section(settings, run), _stats_section(settings, run)]
+    if settings.role == "workers":  # a host of workers for the front given by connect
+        return sections + [_workers_section(settings), *_workers_env_sections(settings),
+                           _flapping_section(settings, run)]
     binary = locate(settings.mongrel2)
-    sections = [_circus_section(settings, run), _stats_section(settings, run),
-                _mongrel2_section(settings, mongrel2_db, binary)]
+    sections.append(_mongrel2_section(settings, mongrel2_db, binary))
     if settings.mode == "dispatcher":
         sections.append(_dispatcher_section(settings))
     sections.append(_workers_section(settings))

@@ -28,15 +28,16 @@ def _config(settings: Settings, args: argparse.Namespace) -> int:
     from .deploy import write_configs
     from .hooks import serve_only
     from .privileges import check_switch
-    from .serve import ServeError, check_app
+    from .serve import ServeError, check_app, check_keys
 
     check_switch(settings)
-    if not args.no_check_app:
-        try:
+    try:
+        check_keys(settings)
+        if not args.no_check_app:
             check_app(settings)
-        except ServeError as error:
-            print(f"circus-wsgi: error: {error}", file=sys.stderr)
-            return USAGE_ERROR
+    except ServeError as error:
+        print(f"circus-wsgi: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
     paths = write_configs(settings, args.out)
     names = serve_only(settings)
     if names:
@@ -78,11 +79,28 @@ def _console(settings: Settings, args: argparse.Namespace) -> int:
     return run_console(settings)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """``circus-wsgi keys DIR [--name NAME]``: a CURVE key pair for a front or worker host."""
+    from .curve import CurveKeysError, write_pair
+
+    try:
+        public, secret = write_pair(args.directory, args.name)
+    except (CurveKeysError, OSError) as error:
+        print(f"circus-wsgi: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    print(f"wrote {public}: copy it into the authorized/ directory of each peer to trust")
+    print(f"wrote {secret} (mode 0600): it stays on this host")
+    return 0
+
+
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from .status import print_status
 
     return print_status(settings)
 
+
+KEYS_HELP = ("write a CURVE key pair (zmq.auth's files) for a front or a worker host, and "
+             "its authorized/ directory for the public keys it trusts")
 
 _COMMANDS: dict[str, tuple[str, Callable[[Settings, argparse.Namespace], int]]] = {
     "serve": ("run the whole stack in the foreground: mongrel2, dispatcher, workers", _serve),
@@ -143,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--no-check-app", action="store_true",
                              help="do not check first that the app imports, as the workers "
                                   "would import it (for a machine that cannot import it)")
+    keys = commands.add_parser("keys", help=KEYS_HELP, description=KEYS_HELP)
+    keys.add_argument("directory", metavar="DIR", help="the key directory (created if new)")
+    keys.add_argument("--name", default="", metavar="NAME",
+                      help="the pair's name: NAME.key and NAME.key_secret (default: this "
+                           "host's name)")
     return parser
 
 
@@ -158,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``circus-wsgi`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return _keys(args)
     _, run = _COMMANDS[args.command]
     try:
         settings = settings_from_args(args)

@@ -43,7 +43,9 @@ def write_configs(settings: Settings, directory: str | os.PathLike[str]) -> dict
     checked, so a binary that cannot run or a setting that cannot work stops before any
     file is written.
     """
-    usable_mongrel2(settings.mongrel2)
+    hosts_mongrel2 = settings.role == "all"  # not a host of workers alone
+    if hosts_mongrel2:
+        usable_mongrel2(settings.mongrel2)
     directory = Path(os.path.abspath(directory))
     resolved = resolve_for(settings, directory)
     ini_path = directory / "circus.ini"
@@ -57,13 +59,16 @@ def write_configs(settings: Settings, directory: str | os.PathLike[str]) -> dict
     privileges.check_reachable(who, directory)
     if resolved.certfile:
         tls.install(resolved, run, owner)
-    sqlite_path, conf_path = write_mongrel2_config(resolved, directory)
+    paths = {}
+    if hosts_mongrel2:
+        paths["config.sqlite"], paths["mongrel2.conf"] = \
+            write_mongrel2_config(resolved, directory)
     _write_secret(resolved.metrics_token, run.metrics_token, owner)
     _write_secret(resolved.console_token, run.console_token, owner)
     ini_path.touch(mode=0o600)
     ini_path.chmod(0o600)  # before writing: it may hold secrets in the workers' environment
     ini_path.write_text(ini_text)
-    return {"config.sqlite": sqlite_path, "mongrel2.conf": conf_path, "circus.ini": ini_path}
+    return {**paths, "circus.ini": ini_path}
 
 
 def _write_secret(value: str, path: Path, owner: tuple[int, int] | None) -> None:

@@ -38,6 +38,17 @@ Worker -> dispatcher:
     :data:`GIVE_BACK_AFTER`, so no request waits long behind a slow one.
 ``LEAVING``
     Take nothing new from me: I am stopping once what I hold is done.
+``TAKE index...``
+    (A remote worker, :mod:`circus_wsgi.remote`.) I would begin the requests
+    with these numbers: answered by GO. A worker on this host needs no leave: its
+    board says what it began (:mod:`circus_wsgi.board`).
+``HEARTBEAT stamp``
+    (A remote worker.) I am here; ``stamp`` is that of the dispatcher's last
+    heartbeat, so the dispatcher knows the round trip. Sent every
+    :data:`HEARTBEAT_INTERVAL` seconds.
+``BYE``
+    (A remote worker.) My last message: I have stopped, everything I held is
+    answered. (A worker on this host says so by closing its connection.)
 
 Dispatcher -> worker:
 
@@ -53,8 +64,12 @@ Dispatcher -> worker:
     keeps their order.
 ``NOTICE m2msg``
     A disconnect or credits notice for a connection this worker holds.
-``HEARTBEAT``
-    Sent every :data:`HEARTBEAT_INTERVAL` seconds to every known worker.
+``HEARTBEAT [stamp]``
+    Sent every :data:`HEARTBEAT_INTERVAL` seconds to every known worker; to a
+    remote one, with a stamp for it to send back.
+``GO index...``
+    Answer to TAKE: begin these; any other asked for has ended meanwhile (504,
+    or its client went with a restarted mongrel2): drop it.
 ``BYE``
     Answer to LEAVING: nothing more will be sent to this worker.
 
@@ -72,12 +87,15 @@ READY = b"R"
 OUTPUT = b"O"
 LEAVING = b"L"
 RETURN = b"T"
+TAKE = b"K"
+# BYE, both ways
 
 # dispatcher -> worker
 REQUEST = b"Q"
 NOTICE = b"N"
-HEARTBEAT = b"H"
+HEARTBEAT = b"H"  # both ways
 BYE = b"B"
+GO = b"G"
 
 #: Seconds between the dispatcher's heartbeats to each worker.
 HEARTBEAT_INTERVAL = 0.25
@@ -85,6 +103,56 @@ HEARTBEAT_INTERVAL = 0.25
 GIVE_BACK_AFTER = 0.02
 #: Seconds of silence after which a worker announces itself again.
 SILENCE_LIMIT = 1.0
+
+_STATUS_TEXT = {code: b"%d" % code for code in range(100, 600)}
+
+
+class WorkerMessages:
+    """What a worker says to the dispatcher, over whatever link ``_send`` writes to:
+    the responses :meth:`send` keeps go out as one OUTPUT (:meth:`output`)."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.done: list[bytes] = []
+        self.statuses: list[bytes] = []  # of the done ones, in order
+        self.started: list[bytes] = []
+
+    def _send(self, frames: tuple[bytes, ...]) -> None:
+        raise NotImplementedError
+
+    def ready(self, frames: tuple[bytes, ...]) -> None:
+        self._send(frames)
+
+    def leave(self) -> list[list[bytes]]:
+        self._send((LEAVING,))
+        return []
+
+    def give_back(self, conn_ids: list[bytes]) -> None:
+        if conn_ids:
+            self._send((RETURN, *conn_ids))
+
+    def send(self, conn_id: bytes, messages: list[bytes], done: bool, status: int) -> None:
+        """Keep these mongrel2 messages of ``conn_id``'s response (``done``: its last)."""
+        self.messages += messages
+        if done:
+            self.done.append(conn_id)
+            self.statuses.append(_STATUS_TEXT.get(status) or b"%d" % status)
+        else:
+            self.started.append(conn_id)
+
+    def output(self) -> bool:
+        """Send what :meth:`send` kept as one OUTPUT; False if there was nothing."""
+        if not (self.done or self.started):
+            return False
+        frames = (OUTPUT, b" ".join(self.done), b" ".join(self.started),
+                  b" ".join(self.statuses), *self.messages)
+        self.drop_output()
+        self._send(frames)
+        return True
+
+    def drop_output(self) -> None:
+        self.messages, self.done, self.statuses, self.started = [], [], [], []
+
 
 #: With flow control, the bytes of a response a worker may send before it waits for
 #: credits, less what its connection still has unwritten (the REQUEST's budgets).

@@ -10,7 +10,9 @@ Protocol with the workers: :mod:`circus_wsgi.dispatch_protocol`, one
 :mod:`circus_wsgi.framing` connection per worker; each worker's
 :mod:`circus_wsgi.board` says, when it dies, which requests it had begun.
 A dispatcher that finds the socket of one that was killed closes the clients
-whose requests died with it (:mod:`circus_wsgi.recovery`).
+whose requests died with it (:mod:`circus_wsgi.recovery`). Workers on other
+hosts connect to a ZeroMQ ROUTER of its own (:mod:`circus_wsgi.remote`), each
+one more worker to the broker.
 Counters for ``circus-wsgi status``: the broker's, over a REP socket. With flow
 control, responses go out through :mod:`circus_wsgi.flowcontrol`. mongrel2's two
 handler sockets are spoken to in ZMTP by :mod:`circus_wsgi.zmtp`, without
@@ -34,7 +36,7 @@ import signal
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Callable, Sequence, cast
+from typing import Callable, Collection, Sequence, cast
 
 import zmq
 
@@ -49,6 +51,8 @@ from .framing import Frame
 from .httpmsg import error_response
 from .lifeline import die_with_parent
 from .memory import tune_malloc
+from .remote import RemoteWorkers
+from .remote import round_trip as remote_round_trip
 from .protocol import (Buffer, Kind, Message, ProtocolError, addressed, close,
                        disconnect_notice, granted, is_idempotent, parse, plain_request,
                        response)
@@ -124,6 +128,12 @@ class Dispatcher:
         # one whose event is still to be handled in this turn.
         self.retired: list[Callable[[], None]] = []
         self.lost_worker = False  # a worker was lost while requests were sent to it
+        self.remote = RemoteWorkers(settings, self.context) if settings.remote_workers \
+            else None
+        self.remote_fd = -1
+        if self.remote is not None:
+            self.remote_fd = self.remote.fileno()
+            self.poller.register(self.remote_fd, select.POLLIN)
         self.stopping = False
         remove_stale(run.path)
 
@@ -174,6 +184,8 @@ class Dispatcher:
                     os.read(wake_r, 512)
                 elif fd in self.pidfds:
                     self._on_worker_exit(fd)
+            if self.remote is not None:  # (its descriptor says "look", not "readable")
+                self._on_remote()
             self._close_retired()
             now = time.monotonic()
             if now >= next_tick:
@@ -198,6 +210,11 @@ class Dispatcher:
             self._worker_gone(identity, "worker exited")
         if self.recover_at is not None and now >= self.recover_at:
             self._recover(now)
+        if self.remote is not None:
+            for peer in self.remote.silent(now):
+                self.remote.forget(peer)
+                if _remote_id(peer) in self.broker.workers:
+                    self._worker_gone(_remote_id(peer), "worker host silent")
         self.gate.expire(now)
         if self.windows is not None:
             self.windows.probe(now)
@@ -427,6 +444,13 @@ class Dispatcher:
         if link.closed and identity in self.links:
             self._drop_link(identity, "worker exited")
 
+    def _on_remote(self) -> None:
+        """The messages of workers on other hosts (:mod:`circus_wsgi.remote`)."""
+        assert self.remote is not None
+        for peer, frames in self.remote.receive(time.monotonic()):
+            if frames:
+                self._on_worker(_remote_id(peer), list(frames))
+
     def _drop_link(self, identity: bytes, reason: str, alive: bool = False) -> None:
         """The worker's connection is gone. Unless we end it ourselves (``alive``), so is
         the worker: every frame it sent has been read, and its board is final."""
@@ -462,8 +486,19 @@ class Dispatcher:
         elif command == dp.LEAVING:
             worker = self.broker.leaving(identity)
             if worker is not None:
-                log.info("worker %d leaving with %d requests", worker.pid, len(worker.held))
+                log.info("worker %s leaving with %d requests", worker.key, len(worker.held))
             self._send_worker(identity, (dp.BYE,))
+        elif command == dp.TAKE:
+            granted = self.broker.take(identity, [int(index) for index in frames[1:]])
+            self._send_worker(identity, (dp.GO, *[b"%d" % index for index in granted]))
+        elif command == dp.HEARTBEAT:
+            round_trip = remote_round_trip([_small(frame) for frame in frames])
+            if round_trip is not None:
+                self.broker.round_trip(identity, round_trip)
+        elif command == dp.BYE and self.remote is not None and identity.startswith(b"r"):
+            self.remote.forget(_peer(identity))
+            if identity in self.broker.workers:
+                self._worker_gone(identity, "worker exited")
         else:
             self.malformed += 1
             log.warning("unknown command %r from a worker", command)
@@ -485,13 +520,18 @@ class Dispatcher:
 
     def _on_ready(self, identity: bytes, pid: int, free: int, threads: int,
                   received: int) -> None:
+        host = self.remote.hosts.get(_peer(identity), "remote") \
+            if self.remote is not None and identity.startswith(b"r") else ""
         if identity not in self.broker.workers:
-            log.info("worker %d ready with %d of %d threads idle", pid, free, threads)
-            self._watch(pid, identity)
-            board = BoardReader.open(board_path(self.run_dir.path, pid))
-            if board is not None:
-                self.boards[identity] = board
-        self.broker.worker_ready(identity, pid, free, threads, received, time.monotonic())
+            log.info("worker %s%d ready with %d of %d threads idle", f"{host}:" if host else "",
+                     pid, free, threads)
+            if not host:  # one of this host's: its process and its board
+                self._watch(pid, identity)
+                board = BoardReader.open(board_path(self.run_dir.path, pid))
+                if board is not None:
+                    self.boards[identity] = board
+        self.broker.worker_ready(identity, pid, free, threads, received, time.monotonic(),
+                                 host)
 
     def _watch(self, pid: int, identity: bytes) -> None:
         """A pidfd that becomes readable when the worker exits (none if not visible here)."""
@@ -525,11 +565,15 @@ class Dispatcher:
         begun; the broker re-queues the others and answers for these. A worker still
         ``alive`` (we ended its connection) may begin any of them yet: all are answered."""
         board = self.boards.pop(identity, None)
-        began, running = None, {}
+        began: int | None = None
+        running: Collection[int] = ()
         if board is not None:
             if not alive:
                 began, running = board.began(), board.running()
             board.close(remove=not alive)
+        elif identity in self.broker.workers and self.broker.workers[identity].host:
+            remote = self.broker.workers[identity]  # it began what it was told to, in order
+            began, running = remote.began, {r.index for r in remote.held.values()}
         worker = self.broker.worker_gone(identity, began, running, time.monotonic(), reason)
         pidfd = self.worker_pidfds.pop(identity, None)
         if pidfd is not None:
@@ -591,6 +635,15 @@ class Dispatcher:
 
     def _send_worker(self, identity: bytes, frames: tuple[bytes, ...]) -> None:
         """Send to one worker; if it is unreachable, it is gone."""
+        if self.remote is not None and identity.startswith(b"r"):
+            try:
+                self.remote.send(_peer(identity), frames)
+            except ConnectionError:
+                self.lost_worker = True
+                self.remote.forget(_peer(identity))
+                if identity in self.broker.workers:
+                    self._worker_gone(identity, "worker host unreachable")
+            return
         link = self.links.get(identity)
         try:
             if link is None:
@@ -616,6 +669,9 @@ class Dispatcher:
                 self._forget_window(action.request.conn)
             elif type(action) is Discard:
                 _remove_file(action.request.upload)
+            elif type(action) is Kill and action.host:
+                log.error("worker %s:%d %s: it gets nothing more (its host's circus can "
+                          "restart it)", action.host, action.pid, action.reason)
             elif type(action) is Kill:
                 self._kill(action.pid, action.reason)
 
@@ -675,7 +731,7 @@ class Dispatcher:
                 method, path = _request_line(by_index.get(index))
                 running.append({"method": method, "path": path,
                                 "seconds": round(max(0.0, now - since), 3)})
-            snapshot["workers"][str(worker.pid)]["running"] = running
+            snapshot["workers"][worker.key]["running"] = running
         return snapshot
 
     # ------------------------------------------------------------- stopping
@@ -719,6 +775,8 @@ class Dispatcher:
             self.responses.drain(timeout=1.0)
             self.responses.close()
         self.status_socket.close(linger=1000)
+        if self.remote is not None:
+            self.remote.close()
         log.info("dispatcher %d stopped", os.getpid())
 
 
@@ -756,6 +814,15 @@ def _request_line(request: Request | None) -> tuple[str, str]:
     method = message.headers.get(b"METHOD", b"")
     return (method.decode("latin-1") if isinstance(method, bytes) else "",
             message.path.decode("latin-1"))
+
+
+def _remote_id(peer: bytes) -> bytes:
+    """The broker's id of a remote worker: ``r`` and its ZeroMQ routing id in hex."""
+    return b"r" + peer.hex().encode()
+
+
+def _peer(identity: bytes) -> bytes:
+    return bytes.fromhex(identity[1:].decode())
 
 
 def _small(frame: Frame) -> bytes:

@@ -89,6 +89,16 @@ def _dispatcher_families(snapshot: dict[str, Any]) -> list[Metric]:
                                 labels=["state"])
     for state in ("busy", "idle", "leaving"):
         workers.add_metric([state], snapshot[f"{state}_workers"])
+    remote = GaugeMetricFamily("circus_wsgi_remote_workers",
+                               "Of those, workers on other hosts, by host",
+                               labels=["host", "state"])
+    by_host: dict[tuple[str, str], int] = {}
+    for worker in snapshot["workers"].values():
+        if worker["host"]:
+            key = (worker["host"], worker["state"])
+            by_host[key] = by_host.get(key, 0) + 1
+    for (host, state), count in sorted(by_host.items()):
+        remote.add_metric([host, state], count)
     responses = CounterMetricFamily(
         "circus_wsgi_dispatcher_responses",
         "Requests the stack answered itself (400, 413, 502, 503, 504) or closed",
@@ -108,7 +118,7 @@ def _dispatcher_families(snapshot: dict[str, Any]) -> list[Metric]:
                     ("replayed", "Of those, ones it had answered but not yet sent"))]
     for name, family in counters:
         family.add_metric([], snapshot[name])
-    return [durations, waits, active, depth, workers, responses, scale,
+    return [durations, waits, active, depth, workers, remote, responses, scale,
             *[family for _, family in counters]]
 
 

@@ -132,6 +132,20 @@ def check_port(bind: str, what: str = "") -> None:
             raise ServeError(f"cannot listen on {bind}{what}: {error.strerror}") from None
 
 
+def check_keys(settings: Settings) -> None:
+    """The CURVE keys the remote link needs are there (curve.py says what is missing)."""
+    from .curve import CurveKeysError, own_pair, the_front
+
+    if not settings.curve_keys or not (settings.remote_workers or settings.connect):
+        return
+    try:
+        own_pair(settings.curve_keys)
+        if settings.connect:
+            the_front(settings.curve_keys)
+    except CurveKeysError as error:
+        raise ServeError(f"setting 'curve_keys': {error}") from None
+
+
 def check_token(value: str, name: str) -> None:
     """A token given as @FILE must be readable and not empty."""
     if value.startswith("@"):
@@ -258,7 +272,10 @@ class Stack:
             if self.circusd.poll() is not None:
                 raise ServeError(f"circusd exited ({describe(self.circusd.returncode)}) "
                                  "before the stack was ready (see the log above)")
-            if _listening(host, int(port)) and self._workers_ready() and \
+            if self.settings.role == "workers":  # no mongrel2 here: circus runs the workers
+                if self._workers_running():
+                    return
+            elif _listening(host, int(port)) and self._workers_ready() and \
                     self._listeners_ready():
                 return
             self._check_watchers(started)
@@ -283,6 +300,11 @@ class Stack:
         """The metrics endpoint and the console listen, when asked for."""
         return all(_listening(*split_address(address))
                    for address in (self.settings.metrics, self.settings.console) if address)
+
+    def _workers_running(self) -> bool:
+        """circus runs every worker of a host of workers alone."""
+        reply = self.call("list", timeout=0.2, name="workers") or {}
+        return len(reply.get("pids", ())) >= self.settings.starting_workers
 
     def _workers_ready(self) -> bool:
         if self.settings.mode == "direct":
@@ -405,8 +427,12 @@ def _announce(settings: Settings) -> None:
         if settings.autoscaling else ""
     scheme = "https" if settings.certfile else "http"
     as_user = f" as {settings.user}" if settings.user else ""
-    print(f"Serving {settings.app} at {scheme}://{settings.bind}/ with "
+    where = f"as workers of {settings.connect}" if settings.role == "workers" else \
+        f"at {scheme}://{settings.bind}/"
+    print(f"Serving {settings.app} {where} with "
           f"{settings.starting_workers} workers{threads}{scaling}{as_user}", flush=True)
+    if settings.remote_workers:
+        print(f"Workers from other hosts: {settings.remote_workers}", flush=True)
     print(f"Control: export CIRCUSCTL_ENDPOINT={endpoint}", flush=True)
     print(f"Watch:   circus-top --endpoint {run.circus_stats}    "
           f"Status: circus-wsgi status --run-dir {settings.run_dir}", flush=True)
@@ -420,10 +446,16 @@ def _announce(settings: Settings) -> None:
 def preflight(settings: Settings) -> tuple[Settings, bool]:
     """Every check that needs nothing running; the settings with their run dir, and
     True when serve created it."""
-    usable_mongrel2(settings.mongrel2)
     privileges.check_switch(settings)
+    check_keys(settings)
+    if settings.role == "workers":  # no mongrel2, no port here
+        check_app(settings)
+        return prepare_run_dir(settings)
+    usable_mongrel2(settings.mongrel2)
     tls.check(settings)
     check_port(settings.bind)
+    if settings.remote_workers:
+        check_port(settings.remote_workers.removeprefix("tcp://"), " (remote_workers)")
     if settings.http_redirect:
         check_port(settings.http_redirect)
     if settings.metrics:
@@ -466,6 +498,10 @@ def _run(settings: Settings, server_hooks: ServerHooks) -> int:
         if settings.endpoint.startswith("tcp://"):
             print(f"circus-wsgi: warning: circusd listens on {settings.endpoint}: anyone on "
                   "this host can control the stack", file=sys.stderr)
+        if (settings.remote_workers or settings.connect) and not settings.curve_keys:
+            print(f"circus-wsgi: warning: {settings.remote_workers or settings.connect} is "
+                  "plain TCP, without CURVE: anyone who reaches it can take (or serve) "
+                  "requests", file=sys.stderr)
         files = write_configs(settings, run_dir)
         stack = Stack(settings, files["circus.ini"])
         for sig in (signal.SIGINT, signal.SIGTERM):

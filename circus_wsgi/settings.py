@@ -186,6 +186,16 @@ def _endpoint(value: Any) -> str:
 _endpoint.kind = "ZeroMQ endpoint"  # type: ignore[attr-defined]
 
 
+def _tcp_endpoint(value: Any) -> str:
+    endpoint = _endpoint(value)
+    if endpoint.startswith("ipc://"):
+        raise ValueError("must be tcp://HOST:PORT")
+    return endpoint
+
+
+_tcp_endpoint.kind = "tcp://HOST:PORT"  # type: ignore[attr-defined]
+
+
 def _pairs(what: str, check_key: Callable[[str], str], check_value: Callable[[str], str]):
     """A list of KEY=VALUE pairs, given as a mapping, a list of pairs or of "K=V" strings."""
 
@@ -616,7 +626,29 @@ _DEVELOPMENT = (
        "like), with reload.", "PATH", True, cli="--reload-extra-file"),
 )
 
-SETTINGS += _HOOKS + _DEVELOPMENT
+# -- workers on other hosts (circus_wsgi.remote)
+_REMOTE = (
+    _S("role", "remote workers", "all", _choice("all", "workers"),
+       "What this host runs: all (mongrel2, the dispatcher, workers), or workers alone, "
+       "for the front given by connect.", "ROLE"),
+    _S("remote_workers", "remote workers", "", _tcp_endpoint,
+       "On the front: also take workers from other hosts at tcp://HOST:PORT (a ZeroMQ "
+       "ROUTER, CURVE-encrypted with curve_keys).", "ENDPOINT"),
+    _S("connect", "remote workers", "", _tcp_endpoint,
+       "On a worker host: the front's remote_workers endpoint, tcp://HOST:PORT.", "ENDPOINT"),
+    _S("curve_keys", "remote workers", "", _directory_path,
+       "Key directory: this host's pair (NAME.key, NAME.key_secret; circus-wsgi keys DIR) "
+       "and, in authorized/, the public keys it trusts (the front trusts its worker hosts', "
+       "a worker host its front's).", "DIR"),
+    _S("insecure_remote_workers", "remote workers", False, _boolean,
+       "Let remote workers connect over plain TCP, without CURVE: anyone who reaches the "
+       "port can take requests. For a network that is private already.", "", switch=True),
+    _S("remote_timeout", "remote workers", 3.0, _seconds(0.5),
+       "A remote worker (or front) heard from not at all this long is gone: the front "
+       "answers what it had begun with 502 and gives the rest to other workers.", "S"),
+)
+
+SETTINGS += _HOOKS + _DEVELOPMENT + _REMOTE
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
@@ -670,9 +702,31 @@ class Settings:
                     self.workers_min <= self.workers <= self.workers_max:
                 raise SettingsError("workers", self.workers, "must be within workers_min.."
                                     f"workers_max ({self.workers_min}..{self.workers_max})")
+        self._check_remote()
         if self.metrics and not self.metrics_token and not _loopback(self.metrics):
             raise SettingsError("metrics", self.metrics, "listening beyond this host needs "
                                 "metrics_token: scrapers from elsewhere must authenticate")
+
+    def _check_remote(self) -> None:
+        for name in ("remote_workers", "connect"):
+            value = self._values[name]
+            if value and not self.curve_keys and not self.insecure_remote_workers:
+                raise SettingsError(name, value, "needs curve_keys (CURVE), or "
+                                    "insecure_remote_workers for plain TCP")
+        if self.remote_workers and self.mode == "direct":
+            raise SettingsError("remote_workers", self.remote_workers,
+                                "remote workers need the dispatcher (mode dispatcher)")
+        if self.role == "workers":
+            if not self.connect:
+                raise SettingsError("role", self.role, "a host of workers alone needs "
+                                    "connect (the front's remote_workers endpoint)")
+            for name in ("remote_workers", "metrics", "console", "reload", "workers_max"):
+                if self._values[name]:
+                    raise SettingsError(name, self._values[name], "runs on the front, not "
+                                        "on a host of workers alone (role workers)")
+        elif self.connect:
+            raise SettingsError("connect", self.connect, "is for a host of workers alone: "
+                                "give role workers too")
 
     @property
     def autoscaling(self) -> bool:

@@ -68,6 +68,7 @@ from .forwarded import Proxies
 from .lifeline import die_with_parent
 from .memory import tune_malloc
 from .protocol import Kind, Message, ProtocolError
+from .remote import RemoteLink
 from .rundir import RunDir
 from .settings import Settings
 from .wsgi import ClientGone, Exchange, Pacer, Router, Site, wants_keep_alive
@@ -95,7 +96,6 @@ REFUSED_FOR = 2.0
 #: Seconds between two looks at the worker's resident memory (max_worker_memory).
 MEMORY_CHECK_EVERY = 1.0
 #: Statuses as the digits OUTPUT carries, for the common ones.
-_STATUS_TEXT = {code: b"%d" % code for code in range(100, 600)}
 # Poll flags as plain ints (``|`` on pyzmq's enum flags runs Python code: 0.6 us per turn).
 _READ, _READ_WRITE = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
@@ -121,8 +121,8 @@ class Outbox:
     outbox by :meth:`notice`, in the loop thread.
     """
 
-    __slots__ = ("sender", "conn_id", "index", "pacer", "status", "gone", "started", "notices",
-                 "_deliver", "_wait", "_waiting", "_probe")
+    __slots__ = ("sender", "conn_id", "index", "pacer", "status", "gone", "answered", "started",
+                 "notices", "_deliver", "_wait", "_waiting", "_probe")
 
     def __init__(self, message: Message, index: int, pacer: Pacer, deliver: Callable,
                  wait: Callable, threaded: bool) -> None:
@@ -130,6 +130,7 @@ class Outbox:
         self.index = index  # its number among the requests received (circus_wsgi.board)
         self.status = 0  # the response's HTTP status, once known (set by the Exchange)
         self.gone = False  # the client left (or stalled): send nothing more
+        self.answered = False  # the front answered it already: send nothing at all
         self.started = False  # some of the response went out before finish()
         self.notices: Optional[queue.SimpleQueue] = queue.SimpleQueue() if threaded else None
         self._deliver, self._wait = deliver, wait
@@ -236,7 +237,7 @@ class Outbox:
 # The two ways to mongrel2
 
 
-class DispatcherLink:
+class DispatcherLink(dp.WorkerMessages):
     """The connection to the dispatcher (:mod:`framing`), speaking :mod:`dispatch_protocol`.
 
     Responses are kept until :meth:`flush`, which sends them in one OUTPUT
@@ -249,14 +250,11 @@ class DispatcherLink:
     direct = False
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
         self.stream: Optional[framing.FramedStream] = None
         self.undelivered: list[bytes] = []  # encoded messages kept while disconnected
         self.retry_at = 0.0
-        self.messages: list[bytes] = []
-        self.done: list[bytes] = []
-        self.statuses: list[bytes] = []  # of the done ones, in order
-        self.started: list[bytes] = []
 
     @property
     def pollable(self) -> Optional[int]:
@@ -317,34 +315,12 @@ class DispatcherLink:
             self._lost()
         return messages
 
-    def ready(self, frames: tuple[bytes, ...]) -> None:
-        self._send(frames)
-
-    def leave(self) -> list[list[bytes]]:
-        self._send((dp.LEAVING,))
-        return []
-
-    def give_back(self, conn_ids: list[bytes]) -> None:
-        if conn_ids:
-            self._send((dp.RETURN, *conn_ids))
-
-    def send(self, conn_id: bytes, messages: list[bytes], done: bool, status: int) -> None:
-        self.messages += messages
-        if done:
-            self.done.append(conn_id)
-            self.statuses.append(_STATUS_TEXT.get(status) or b"%d" % status)
-        else:
-            self.started.append(conn_id)
-
     def flush(self) -> None:
         """Send what :meth:`send` kept, as one OUTPUT message, and what waits for the
         socket to be writable."""
-        if self.done or self.started:
-            frames = (dp.OUTPUT, b" ".join(self.done), b" ".join(self.started),
-                      b" ".join(self.statuses), *self.messages)
-            self.messages, self.done, self.statuses, self.started = [], [], [], []
-            self._send(frames)
-        elif self.stream is not None and self.stream.backlogged:
+        if self.output():
+            return
+        if self.stream is not None and self.stream.backlogged:
             try:
                 self.stream.flush()
             except ConnectionError:
@@ -460,10 +436,11 @@ class Worker:
         self.memory_check_at = 0.0
         self.context = context or zmq.Context()
         self.link = self._link(settings, run)
-        # The board records the number of each request begun, per thread (dispatcher
-        # mode; in direct mode nobody reads it, and the cells are a plain array).
+        # The board records the number of each request begun, per thread, for this host's
+        # dispatcher (nobody reads it in direct mode or from another host: the cells are
+        # then a plain array).
         self.board = Board(board_path(run.path, os.getpid()), self.threads) \
-            if run is not None and not self.link.direct else None
+            if run is not None and isinstance(self.link, DispatcherLink) else None
         self.cells = self.board.cells if self.board is not None else \
             memoryview(bytearray(8 * (1 + 2 * self.threads))).cast("d")
         self.received = 0  # requests received from the dispatcher: the last one's number
@@ -494,6 +471,14 @@ class Worker:
         self.signalled = ""  # the reason to stop, set by a signal or max_requests
         self.stopping = False
         self.bye = self.link.direct  # the dispatcher said BYE (direct mode: nothing to wait for)
+        # A remote worker begins a request only once the dispatcher has said GO for it
+        # (circus_wsgi.remote): the numbers asked for, batch by batch, and those granted.
+        self.granting = getattr(self.link, "grants", False)
+        self.asking: deque[list[int]] = deque()
+        self.asked: set[int] = set()
+        self.granted: set[int] = set()
+        if self.granting:
+            self.link.renewed = self._link_renewed
         self.heard = self.stopped_at = time.monotonic()
         # How each request's Outbox sends and waits: in this thread, or handed over to it.
         self.outbox_io = (self._deliver, self._pump, False) if self.inline else (
@@ -509,6 +494,8 @@ class Worker:
             return DirectLink(self.context, send_spec, recv_spec)
         if run is None:
             raise ValueError("setting 'run_dir' is needed to find the dispatcher's socket")
+        if settings.connect:
+            return RemoteLink(settings, self.context)
         return DispatcherLink(run.dispatcher)
 
     # -- the loop
@@ -564,7 +551,11 @@ class Worker:
                 self._take_frames()
         if self.inline:
             while self.pending and not self.busy:
+                if self.granting and not self._may_begin():
+                    break
                 self._serve(*self.pending.popleft())
+        elif self.granting and self.pending:
+            self._ask()
         self.link.flush()
 
     def _watch_link(self) -> None:
@@ -599,6 +590,8 @@ class Worker:
             self._begin_stop(now)
         if not self.link.direct:
             self.link.reconnect(None if self.stopping else self._announcement())
+        if self.granting:
+            self.link.beat()
         if not self.stopping and not self.link.direct and now - self.heard > dp.SILENCE_LIMIT:
             self.link.ready(self._announcement())  # the dispatcher may not know us
             self.heard = now
@@ -686,6 +679,8 @@ class Worker:
                 self._on_message(raw)
         elif command == dp.BYE:
             self.bye = True
+        elif command == dp.GO:
+            self._on_go([int(index) for index in frames[1:]])
         elif command != dp.HEARTBEAT:
             self.malformed += 1
             log.warning("unknown frames from the dispatcher: %r", frames[:2])
@@ -843,9 +838,11 @@ class Worker:
         cells, index_cell, since_cell = self.cells, 1 + 2 * number, 2 + 2 * number
         while True:
             with self.ready:
-                while not self.pending:
+                while not self.pending or self.granting and \
+                        self.pending[0][1].index not in self.granted:
                     self.ready.wait()
                 message, outbox = self.pending.popleft()
+                self.granted.discard(outbox.index)
                 now = self.running[outbox] = time.monotonic()
                 cells[index_cell], cells[since_cell] = outbox.index, now  # in taking order
             try:
@@ -854,6 +851,60 @@ class Worker:
                 cells[since_cell] = 0.0
                 with self.ready:
                     del self.running[outbox]
+
+    # -- a remote worker's leave to begin (circus_wsgi.remote)
+
+    def _may_begin(self) -> bool:
+        """Inline: whether the next request waiting has its GO (asking for it if need be)."""
+        index = self.pending[0][1].index
+        if index in self.granted:
+            self.granted.discard(index)
+            return True
+        if index not in self.asked:
+            self._ask()
+        return False
+
+    def _ask(self) -> None:
+        """Ask to begin the next requests waiting, as many as threads are idle."""
+        with self.ready:
+            idle = self.threads - (1 if self.busy else len(self.running))
+            waiting = [outbox.index for _, outbox in list(self.pending)[:max(idle, 0)]]
+        wanted = [i for i in waiting if i not in self.asked and i not in self.granted]
+        if wanted:
+            self.asked.update(wanted)
+            self.asking.append(wanted)
+            self.link.take(wanted)
+
+    def _on_go(self, granted: list[int]) -> None:
+        """The answer to the oldest TAKE: begin these; drop the others it asked for."""
+        asked = self.asking.popleft() if self.asking else []
+        self.asked.difference_update(asked)
+        refused = set(asked) - set(granted)
+        with self.ready:
+            self.granted.update(granted)
+            if refused:
+                self._drop_pending(lambda outbox: outbox.index in refused)
+            self.ready.notify_all()
+
+    def _link_renewed(self) -> None:
+        """A new link to the front, which has given to others what the old one had not
+        begun and answered (502) what it had: those still running send nothing more."""
+        self.asking.clear()
+        self.asked.clear()
+        with self.ready:
+            self.granted.clear()
+            self._drop_pending(lambda outbox: True)
+            for outbox in self.active.values():
+                outbox.answered = outbox.gone = True
+
+    def _drop_pending(self, which: Callable[[Outbox], bool]) -> None:
+        """Forget the requests waiting that ``which`` names (under ``ready``)."""
+        kept = deque(item for item in self.pending if not which(item[1]))
+        for _, outbox in self.pending:
+            if which(outbox) and self.active.get(outbox.conn_id) is outbox:
+                del self.active[outbox.conn_id]
+                self.held -= 1
+        self.pending = kept
 
     # -- the inline timer; giving back requests not started (dispatcher's prefetch)
 
@@ -869,6 +920,8 @@ class Worker:
             try:
                 self.link.flush()
                 self.link.reconnect(None if self.stopping else self._announcement())
+                if self.granting:
+                    self.link.beat()
                 if self.give_back and time.monotonic() - self.started >= dp.GIVE_BACK_AFTER:
                     self._take_back_frames()
                     self._return_pending()
@@ -925,7 +978,10 @@ class Worker:
         try:
             if done and self.signalled and not self.stopping:
                 self._begin_stop(time.monotonic())  # LEAVING before the OUTPUT that frees a slot
-            self.link.send(outbox.conn_id, messages, done, outbox.status)
+            if outbox.answered:  # only its end, which frees its thread's slot
+                messages = []
+            if messages or done:
+                self.link.send(outbox.conn_id, messages, done, outbox.status)
         finally:
             self.in_io = previous
         if done:

@@ -511,3 +511,41 @@ def run_interleaving(operations, prefetch: int, created: list) -> None:
     for conn, arrived in order.items():
         firsts = [key for key in first_handed.get(conn, []) if key in arrived]
         assert firsts == [key for key in arrived if key in firsts]
+
+
+# ------------------------------------------------------------- remote workers
+
+
+def test_a_local_free_worker_is_taken_before_a_remote_one():
+    broker = make()
+    broker.worker_ready(b"r1", 7, 1, 1, 0, 0.0, host="192.0.2.2")
+    broker.worker_ready(b"A", 1, 1, 1, 0, 0.0)
+    for conn in (b"1", b"2"):
+        arrive(broker, conn)
+    assert handed(broker) == {b"A": [b"1"], b"r1": [b"2"]}
+
+
+def test_an_upload_goes_to_this_host_s_workers_only():
+    broker = make(prefetch=4)
+    broker.worker_ready(b"r1", 7, 1, 1, 0, 0.0, host="192.0.2.2")
+    broker.arrive(b"1", b"s", b"POST", 0.0, b"/run/uploads/upload.x")
+    assert handed(broker) == {}  # the remote one is free, but the file is here
+    broker.worker_ready(b"A", 1, 1, 1, 0, 0.0)
+    assert handed(broker) == {b"A": [b"1"]}
+
+
+def test_a_remote_worker_begins_only_what_it_was_told_to_and_that_counts_as_begun():
+    broker = make(prefetch=4)
+    broker.worker_ready(b"r1", 7, 1, 1, 5, 0.0, host="192.0.2.2")
+    for conn in (b"1", b"2", b"3"):
+        arrive(broker, conn)
+    assert handed(broker) == {b"r1": [b"1", b"2", b"3"]}  # numbered 6, 7, 8
+    assert broker.take(b"r1", [6]) == [6]
+    broker.tick(31.0)  # 7 and 8 were handed out long ago too: only 6 gets its 504
+    assert kinds(broker) == [("fail", b"1", 504), ("kill", 7)]
+    assert broker.take(b"r1", [6, 7]) == [7]  # 6 ended meanwhile
+    worker = broker.workers[b"r1"]
+    broker.worker_gone(b"r1", worker.began, {r.index for r in worker.held.values()}, 32.0,
+                       "worker host silent")
+    assert kinds(broker) == [("fail", b"2", 502)]  # 7 was begun; 8 goes to another
+    assert broker.waiting() == 1

@@ -256,12 +256,18 @@ ALSO = {"workers_min": 2, "workers_max": 6, "scale_down_idle": 5.5,
         "metrics": "0.0.0.0:9100", "metrics_token": "s3cret",
         "console": "[::1]:9200", "console_token": "@/run/s3cret"}
 SECRETS = {"metrics_token", "console_token"}
+#: A front taking remote workers, and a host of workers alone for it.
+REMOTE_FRONT = {"remote_workers": "tcp://0.0.0.0:7700", "insecure_remote_workers": True,
+                "remote_timeout": 1.5}
+REMOTE_HOST = {"role": "workers", "connect": "tcp://10.0.0.1:7700", "curve_keys": str(HERE)}
 
 
-@pytest.mark.parametrize("values", [EVERY_SETTING, {**EVERY_SETTING, **WITH_RELOAD}, ALSO],
-                         ids=["direct", "reload", "autoscaling"])
+@pytest.mark.parametrize("values", [EVERY_SETTING, {**EVERY_SETTING, **WITH_RELOAD}, ALSO,
+                                    REMOTE_FRONT, REMOTE_HOST],
+                         ids=["direct", "reload", "autoscaling", "front", "worker-host"])
 def test_every_setting_round_trips_through_the_command_line(values: dict) -> None:
-    assert set(EVERY_SETTING) | set(WITH_RELOAD) | set(ALSO) == {s.name for s in SETTINGS}
+    assert set(EVERY_SETTING) | set(WITH_RELOAD) | set(ALSO) | set(REMOTE_FRONT) | \
+        set(REMOTE_HOST) == {s.name for s in SETTINGS}
     settings = Settings(**values)
     defaults = {name for name, value in values.items() if value == "dispatcher"}  # mode
     assert set(settings.changed()) == set(values) - defaults

@@ -88,12 +88,28 @@ def test_the_metric_names_and_labels_the_issue_names():
         assert name in found, name
     states = {s.labels["state"]: s.value for s in found["circus_wsgi_workers"].samples}
     assert states == {"busy": 0.0, "idle": 1.0, "leaving": 0.0}
+    assert found["circus_wsgi_remote_workers"].samples == []  # none on other hosts
     [memory] = found["circus_wsgi_process_resident_memory_bytes"].samples
     assert memory.labels == {"watcher": "workers", "wid": "1"} and memory.value == 50 << 20
     [scale] = found["circus_wsgi_scale_events"].samples
     assert scale.name == "circus_wsgi_scale_events_total" and \
         scale.labels == {"direction": "up", "reason": "queue"}
     assert found["circus_wsgi_workers_desired"].samples[0].value == 3
+
+
+def test_workers_on_other_hosts_are_counted_by_host():
+    broker = make()
+    broker.worker_ready(b"A", 1, 1, 1, 0, 0.0)
+    for pid, host in ((2, "192.0.2.2"), (3, "192.0.2.2"), (4, "192.0.2.3")):
+        broker.worker_ready(b"r%d" % pid, pid, 1, 1, 0, 0.0, host=host)
+    broker.arrive(b"1", b"s", b"raw", 0.0, None, b"GET")
+    broker.arrive(b"2", b"s", b"raw", 0.0, None, b"GET")
+    broker.dispatch(0.0)  # the local worker first, then a remote one
+    look = Look(0.0, {**broker.snapshot(0.0), "scale_events": [], "decisions": []})
+    samples = scrape(look)["circus_wsgi_remote_workers"].samples
+    counts = {(s.labels["host"], s.labels["state"]): s.value for s in samples}
+    assert counts == {("192.0.2.2", "busy"): 1.0, ("192.0.2.2", "idle"): 1.0,
+                      ("192.0.2.3", "idle"): 1.0}, samples
 
 
 def test_without_the_dispatcher_a_scrape_says_so_and_still_works():

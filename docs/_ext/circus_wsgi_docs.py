@@ -121,8 +121,10 @@ class CliDirective(_GeneratedDirective):
         names = {s.name for s in SETTINGS}
         own = {name: [a for a in sub._actions if a.dest not in names or not a.option_strings]
                for name, sub in commands.items()}
-        common = [a for a in next(iter(own.values()))
-                  if all(_signature(a) in map(_signature, actions) for actions in own.values())]
+        with_settings = [actions for name, actions in own.items()
+                         if any(a.dest == "settings" for a in actions)]
+        common = [a for a in with_settings[0]
+                  if all(_signature(a) in map(_signature, actions) for actions in with_settings)]
         flags = _setting_flags(next(iter(commands.values())), names)
 
         yield from (".. code-block:: text", "")
@@ -132,15 +134,16 @@ class CliDirective(_GeneratedDirective):
             title = f"circus-wsgi {name}"
             positionals_first = sorted(own[name], key=lambda a: bool(a.option_strings))
             usage = " ".join(_usage(a) for a in positionals_first if a.nargs != 0)
+            taken = _setting_flags(sub, names)
+            settings_usage = " [SETTING FLAGS]" if taken else ""
             yield from (title, "-" * len(title), "", _escape(summaries[name]), "")
             yield from (".. code-block:: text", "",
-                        f"   circus-wsgi {name} {usage} [SETTING FLAGS]", "")
+                        f"   circus-wsgi {name} {usage}{settings_usage}", "")
             yield from (f".. program:: circus-wsgi {name}", "")
             for action in own[name]:
                 if _signature(action) not in map(_signature, common):
                     yield from _option_lines(sub, action)
-            taken = _setting_flags(sub, names)
-            if [a.dest for a, _ in taken] != [a.dest for a, _ in flags]:
+            if taken and [a.dest for a, _ in taken] != [a.dest for a, _ in flags]:
                 yield "Setting flags it takes: " + ", ".join(
                     f"``{a.option_strings[0]}``" for a, _ in taken) + "."
                 yield ""
@@ -150,7 +153,8 @@ class CliDirective(_GeneratedDirective):
 def _shared_lines(parser: argparse.ArgumentParser, common: list[argparse.Action],
                   flags: list[tuple[argparse.Action, str]]) -> Iterable[str]:
     """The arguments every subcommand takes, setting flags grouped as the parser groups them."""
-    yield from ("Arguments of every subcommand", "-----------------------------", "")
+    title = "Arguments of every subcommand that takes settings"
+    yield from (title, "-" * len(title), "")
     yield from (".. program:: circus-wsgi", "")
     for action in common:
         yield from _option_lines(parser, action)
