@@ -6,7 +6,9 @@ The tests' own interpreter may live where no other user can reach it (a pyenv un
 deployment is (``ROOT/venv``, ``ROOT/src``): a virtualenv of the system's Python of the
 same version (``--without-pip``) holding copies of circus_wsgi and of the packages the
 stack's processes import, with the commands circus-wsgi, circusd and circusctl as pip
-would write them, and a copy of tests/serve_apps.py in ``src``. It is deleted afterwards.
+would write them, the mongrel2 make deps unpacked into the tests' environment if it did
+(Debian 13: the venv's own ``mongrel2`` prefix, the setting's default), and a copy of
+tests/serve_apps.py in ``src``. It is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Iterator
 
 import circus
 
+from circus_wsgi.mongrel2_binary import PREFIX as MONGREL2_PREFIX
 from harness import PROJECT_DIR, TESTS_DIR
 
 #: What the stack's processes import, as entries of site-packages (wheels' bundled
@@ -72,6 +75,8 @@ def runtime(root: Path | None = None) -> Iterator[Runtime]:
                 shutil.copytree(entry, site / entry.name, symlinks=True)
         shutil.copytree(PROJECT_DIR / "circus_wsgi", site / "circus_wsgi",
                         ignore=shutil.ignore_patterns("__pycache__"))
+        if MONGREL2_PREFIX.is_dir():
+            shutil.copytree(MONGREL2_PREFIX, venv / MONGREL2_PREFIX.name, symlinks=True)
         for name, module in COMMANDS.items():
             script = venv / "bin" / name
             script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\n"
