@@ -1,5 +1,6 @@
 # make serve: install what is missing, then serve examples/hello.py
 # make test:  install what is missing, then lint (ruff), type-check (mypy) and run the whole suite
+# make test-compiled: the suite again, on the hot modules compiled by mypyc (as a wheel has them)
 # make test-trixie: (root) `make test` as the README runs it, on a throwaway Debian 13 (chroot)
 VENV   ?= .venv
 PYTHON ?= python3
@@ -7,7 +8,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 MONGREL2_PREFIX := $(VENV)/mongrel2
 
-.PHONY: serve test test-trixie deps system-deps browser-deps docs bench bench-quick clean
+.PHONY: serve test test-compiled test-trixie deps system-deps browser-deps docs bench bench-quick clean
 
 serve: deps
 	$(VENV)/bin/circus-wsgi serve examples.hello:app --static /static=examples/static
@@ -16,6 +17,9 @@ test: deps browser-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
+
+test-compiled: deps browser-deps
+	VENV=$(VENV) scripts/test-compiled
 
 test-trixie:
 	scripts/test-trixie
@@ -38,12 +42,14 @@ $(VENV)/.bench-installed: pyproject.toml
 
 # mongrel2 and m2sh: Debian's mongrel2-core from the system's apt where it has one (Debian 12);
 # else Debian 12's packages, fetched with apt into $(MONGREL2_PREFIX) (see the script).
-# logrotate and curl: the tests run docs/deployment.rst's commands
+# logrotate and curl: the tests run docs/deployment.rst's commands; iproute2 (ip): the tests
+# of workers on other hosts make network namespaces
 system-deps:
 	@scripts/install-mongrel2 $(MONGREL2_PREFIX)
-	@command -v curl >/dev/null && PATH="$$PATH:/usr/sbin" command -v logrotate >/dev/null || { \
+	@command -v curl >/dev/null && PATH="$$PATH:/usr/sbin:/sbin" command -v logrotate >/dev/null \
+	  && PATH="$$PATH:/usr/sbin:/sbin" command -v ip >/dev/null || { \
 	  $(SUDO) apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q logrotate curl; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q logrotate curl iproute2; }
 
 deps: system-deps $(STAMP)
 

@@ -13,9 +13,13 @@ gunicorn's atoms::
     L in decimal seconds    {name}i request header {name}e environ variable
 
 The format is read once: each line computes only the atoms it uses. Lines
-go to a file (opened for appending), ``-`` for stderr, or nowhere for ``''``;
-each is one ``write`` on an ``O_APPEND`` descriptor, so lines of threads and
-processes never interleave.
+go to a file (opened for appending), ``-`` for stderr, or nowhere for ``''``.
+They are kept until the worker's loop next sends its responses (:meth:`AccessLog.flush`;
+an application thread's line, within the loop's tick), then written in one ``write`` on
+an ``O_APPEND`` descriptor: one system call (and, on stderr, one wake-up of circusd,
+which relays it) for all the requests of a batch; the lines of threads and processes
+never interleave. A worker killed with ``kill -9``
+loses the lines of its last batch.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import base64
 import os
 import re
 import time
+from collections import deque
 from typing import Callable, Optional
 
 __all__ = ["AccessLog", "Entry"]
@@ -116,8 +121,11 @@ class AccessLog:
 
     def __init__(self, target: str, fmt: str) -> None:
         self.fmt = fmt
-        self._atoms = [(name, _atom(name)) for name in dict.fromkeys(_ATOM.findall(fmt))]
+        # The format with its atoms as positions: "%(h)s %(s)s" -> "%s %s" and (h, s).
+        self._positional = _ATOM.sub("%s", fmt)
+        self._atoms = [_atom(name) for name in _ATOM.findall(fmt)]
         self._check()
+        self._kept: deque[bytes] = deque()  # appended by any thread, written by one
         self._fd: Optional[int] = None
         self._own = False
         if target == "-":
@@ -133,6 +141,7 @@ class AccessLog:
     def _check(self) -> None:
         sample = {"REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1", "RAW_URI": "/"}
         try:
+            self.fmt % {name: "-" for name in _ATOM.findall(self.fmt)}  # gunicorn's reading
             self.line(Entry(sample, 200, 0, time.time(), 0.0))
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"setting 'access_log_format': {self.fmt!r} is not a valid "
@@ -140,18 +149,32 @@ class AccessLog:
 
     def line(self, entry: Entry) -> str:
         """The log line of ``entry``, without its newline."""
-        return self.fmt % {name: atom(entry) for name, atom in self._atoms}
+        return self._positional % tuple([atom(entry) for atom in self._atoms])
 
     def log(self, entry: Entry) -> None:
-        """Write the line of ``entry``; a failing log never fails the request."""
+        """Keep the line of ``entry`` for the next :meth:`flush` (any thread)."""
         if self._fd is None:
             return
+        self._kept.append((self.line(entry) + "\n").encode("utf-8", "backslashreplace"))
+
+    def flush(self) -> None:
+        """Write the kept lines, in one write where the descriptor takes them at once;
+        a failing log never fails a request. (Called by the worker's loop thread.)"""
+        kept = self._kept
+        if not kept or self._fd is None:
+            return
+        lines = []
+        while kept:  # (popleft and append are each atomic: a line added now waits)
+            lines.append(kept.popleft())
+        data = b"".join(lines)
         try:
-            os.write(self._fd, (self.line(entry) + "\n").encode("utf-8", "backslashreplace"))
+            while data:
+                data = data[os.write(self._fd, data):]
         except OSError:
             pass
 
     def close(self) -> None:
+        self.flush()
         if self._own and self._fd is not None:
             os.close(self._fd)
         self._fd = None

@@ -80,6 +80,8 @@ if a child process it forked keeps the connection open.
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from .protocol import WINDOW
 
 # worker -> dispatcher
@@ -107,6 +109,7 @@ SILENCE_LIMIT = 1.0
 _STATUS_TEXT = {code: b"%d" % code for code in range(100, 600)}
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # remote.RemoteLink
 class WorkerMessages:
     """What a worker says to the dispatcher, over whatever link ``_send`` writes to:
     the responses :meth:`send` keeps go out as one OUTPUT (:meth:`output`)."""

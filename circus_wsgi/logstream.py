@@ -45,20 +45,22 @@ class PrefixedStream:
 
     def __call__(self, data: dict[str, Any]) -> None:
         pid = data.get("pid", 0)
-        text = self._partial.pop(pid, b"") + data["data"]
-        *lines, rest = text.split(b"\n")
+        complete, newline, rest = (self._partial.pop(pid, b"") + data["data"]).rpartition(b"\n")
         if rest:
             self._partial[pid] = rest
-        for line in lines:
-            self._write(pid, line.decode("utf-8", "replace"))
-        self.out.flush()
+        if newline:
+            self._write_lines(pid, complete.decode("utf-8", "replace"))
+            self.out.flush()
 
-    def _write(self, pid: int, line: str) -> None:
-        self.out.write(f"{self.prefix}.{pid} | {line}\n")
+    def _write_lines(self, pid: int, lines: str) -> None:
+        """Write ``lines`` (one or more, without the last newline), each prefixed: one
+        write for all the lines a read brought (a worker's batch of access-log lines)."""
+        prefix = f"{self.prefix}.{pid} | "
+        self.out.write(prefix + lines.replace("\n", "\n" + prefix) + "\n")
 
     def close(self) -> None:
         for pid, rest in self._partial.items():
-            self._write(pid, rest.decode("utf-8", "replace"))
+            self._write_lines(pid, rest.decode("utf-8", "replace"))
         self._partial.clear()
         self.out.flush()
 
@@ -72,9 +74,10 @@ class Mongrel2Stream(PrefixedStream):
         self._entry_level: dict[int, str] = {}  # per process: the level of its last entry
         self._stopping: set[int] = set()
 
-    def _write(self, pid: int, line: str) -> None:
-        if LEVELS.index(self._level(pid, line)) >= self.minimum:
-            super()._write(pid, line)
+    def _write_lines(self, pid: int, lines: str) -> None:
+        for line in lines.split("\n"):
+            if LEVELS.index(self._level(pid, line)) >= self.minimum:
+                super()._write_lines(pid, line)
 
     def _level(self, pid: int, line: str) -> str:
         entry = _ENTRY.match(line)

@@ -64,6 +64,7 @@ from . import exits, framing, hooks, httpmsg, protocol
 from .accesslog import AccessLog, Entry
 from .appload import AppLoadError, load_app, load_mounts, prepare_path
 from .board import Board, board_path
+from .compiled import compiled_modules
 from .forwarded import Proxies
 from .lifeline import die_with_parent
 from .memory import tune_malloc
@@ -505,8 +506,9 @@ class Worker:
         self._install_signals()
         if not self.link.start(lambda: bool(self.signalled)):
             return exits.EXIT_OK
-        log.info("worker %d serving (%s mode, %d thread%s)", os.getpid(), self.settings.mode,
-                 self.threads, "" if self.inline else "s")
+        log.info("worker %d serving (%s mode, %d thread%s, %s)", os.getpid(),
+                 self.settings.mode, self.threads, "" if self.inline else "s",
+                 "compiled" if compiled_modules() else "pure Python")
         self.link.ready(self._announcement())
         if self.ticking:
             signal.signal(signal.SIGALRM, self._on_timer)
@@ -536,7 +538,7 @@ class Worker:
         self.link.flush()
         if self.deferred:
             self._take_frames()
-            timeout = 0
+            timeout = 0.0
         self._watch_link()
         events = self.poller.poll(0)
         if not events and timeout:
@@ -557,6 +559,7 @@ class Worker:
         elif self.granting and self.pending:
             self._ask()
         self.link.flush()
+        self.access.flush()  # the lines of what was answered, after the answers
 
     def _watch_link(self) -> None:
         """Poll the link's socket (a new one after a reconnection), for writing too while
@@ -919,6 +922,7 @@ class Worker:
             self.in_io = True
             try:
                 self.link.flush()
+                self.access.flush()  # (never busy while the loop thread flushes it)
                 self.link.reconnect(None if self.stopping else self._announcement())
                 if self.granting:
                     self.link.beat()

@@ -27,6 +27,8 @@ from email.utils import formatdate
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 from urllib.parse import unquote_to_bytes
 
+from mypy_extensions import mypyc_attr
+
 from . import httpmsg
 from .forwarded import Proxies
 from .protocol import WINDOW, Buffer
@@ -307,6 +309,7 @@ def wants_keep_alive(message: Message) -> bool:
 _CHUNK_END = b"0\r\n\r\n"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # hooks.py's HookedExchange
 class Exchange:
     """One request's response: ``start_response``, ``write`` and the HTTP framing.
 

@@ -42,7 +42,7 @@ class ListLink:
     def __init__(self) -> None:
         self.sent = 0
 
-    def send(self, conn_id: bytes, messages: list, done: bool) -> None:
+    def send(self, conn_id: bytes, messages: list, done: bool, status: int) -> None:
         self.sent += 1
 
     def flush(self) -> None:

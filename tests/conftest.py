@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -10,10 +12,22 @@ from typing import Iterator
 
 import pytest
 
+from circus_wsgi.compiled import HOT_MODULES, compiled_modules
 from circus_wsgi.mongrel2_binary import (
     Mongrel2Binary, Mongrel2Unavailable, locate, usable_mongrel2)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With CIRCUS_WSGI_EXPECT_COMPILED=1 (scripts/test-compiled), the hot modules must
+    be the compiled ones: else the run would test the pure-Python ones a second time."""
+    if os.environ.get("CIRCUS_WSGI_EXPECT_COMPILED") == "1":
+        for name in HOT_MODULES:
+            importlib.import_module(f"circus_wsgi.{name}")
+        pure = sorted(set(HOT_MODULES) - set(compiled_modules()))
+        if pure:
+            raise pytest.UsageError(f"not compiled: {', '.join(pure)}")
 #: Debian 12's mbedTLS 2.28, which mongrel2 links and Debian 13 no longer has.
 MBEDTLS_PACKAGES = ("libmbedtls14", "libmbedx509-1", "libmbedcrypto7")
 

@@ -32,7 +32,7 @@ from harness import PROJECT_DIR, TESTS_DIR
 #: libraries and metadata included).
 PACKAGES = ("circus", "circus-*.dist-info", "zmq", "pyzmq.libs", "pyzmq-*.dist-info",
             "tornado", "tornado-*.dist-info", "psutil", "psutil-*.dist-info", "tnetstring",
-            "tnetstring3-*.dist-info")
+            "tnetstring3-*.dist-info", "mypy_extensions.py", "mypy_extensions-*.dist-info")
 
 
 #: The commands pip would install, and what they run.
@@ -72,7 +72,10 @@ def runtime(root: Path | None = None) -> Iterator[Runtime]:
         installed = Path(circus.__file__).resolve().parent.parent
         for pattern in PACKAGES:
             for entry in installed.glob(pattern):
-                shutil.copytree(entry, site / entry.name, symlinks=True)
+                if entry.is_dir():
+                    shutil.copytree(entry, site / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, site / entry.name)
         shutil.copytree(PROJECT_DIR / "circus_wsgi", site / "circus_wsgi",
                         ignore=shutil.ignore_patterns("__pycache__"))
         if MONGREL2_PREFIX.is_dir():

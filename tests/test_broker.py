@@ -9,7 +9,6 @@ that numbers and begins requests as real ones do (:mod:`circus_wsgi.board`).
 from __future__ import annotations
 
 from collections import Counter
-from unittest import mock
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -345,21 +344,22 @@ OPERATIONS = st.lists(st.tuples(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPERATIONS, st.integers(0, 3))
 def test_every_request_is_answered_once_or_requeued_never_both(operations, prefetch):
-    created: list[b.Request] = []
-
-    class Recorded(b.Request):
-        __slots__ = ()
-
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    with mock.patch.object(b, "Request", Recorded):
-        run_interleaving(operations, prefetch, created)
+    run_interleaving(operations, prefetch)
 
 
-def run_interleaving(operations, prefetch: int, created: list) -> None:
+def newest(broker: b.Broker, conn: bytes, *args) -> b.Request:
+    """``broker.arrive(conn, *args)``; the new request: behind the one before it on its
+    connection, or at the front of it, or refused at once (its Fail the last action)."""
+    was_front = conn in broker.fronts
+    broker.arrive(conn, *args)
+    if was_front:
+        return broker.behind[conn][-1]
+    return broker.fronts[conn] if conn in broker.fronts else broker.actions[-1].request
+
+
+def run_interleaving(operations, prefetch: int) -> None:
     broker = make(prefetch=prefetch, max_queue=3, queue_timeout=3.0, timeout=5.0)
+    created: list[b.Request] = []
     models: dict[bytes, WorkerModel] = {}
     seen: dict[int, b.Request] = {}  # every request ever observed
     last: dict[int, int] = {}  # its state when last observed
@@ -423,8 +423,8 @@ def run_interleaving(operations, prefetch: int, created: list) -> None:
         conn = b"%d" % conn_number
         model = pick(number)
         if operation == "arrive":
-            broker.arrive(conn, b"s", b"GET" if number % 2 else b"POST", now,
-                          b"/up" if number == 5 else None)
+            created.append(newest(broker, conn, b"s", b"GET" if number % 2 else b"POST", now,
+                                  b"/up" if number == 5 else None))
             order.setdefault(conn, []).append(id(created[-1]))
         elif operation == "ready":
             identity = b"w%d" % next(names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from unittest import mock
 
 import pytest
 
@@ -54,6 +55,21 @@ def test_log_to_a_file(tmp_path):
     log.log(entry(status=404))
     log.close()
     assert path.read_text() == "201 POST /a%20b?q=1 HTTP/1.1\n404 POST /a%20b?q=1 HTTP/1.1\n"
+
+
+def test_lines_wait_for_the_flush_and_go_out_in_one_write(tmp_path):
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), "%(s)s %(s)s 100%% %(m)s")  # an atom twice, a literal %
+    log.log(entry())
+    log.log(entry(status=404))
+    assert path.read_text() == ""  # kept until the worker's loop flushes
+    with mock.patch("os.write", wraps=os.write) as write:
+        log.flush()
+    assert write.call_count == 1
+    assert path.read_text() == "201 201 100% POST\n404 404 100% POST\n"
+    log.flush()  # nothing kept: nothing written
+    log.close()
+    assert path.read_text().count("\n") == 2
 
 
 def test_no_log():
