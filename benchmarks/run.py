@@ -1385,8 +1385,8 @@ def draw(panels: list[Panel], path: Path, title: str) -> None:
     panels = [p for p in panels if p.bars]
     columns = 2 if len(panels) > 1 else 1
     rows = max(1, (len(panels) + columns - 1) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 2.6 + 2.4 * rows),
-                             squeeze=False)
+    width = 6.5 * columns if columns > 1 else 9.0  # room for the title over one panel
+    fig, axes = plt.subplots(rows, columns, figsize=(width, 2.6 + 2.4 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         names = [label for label, _, _ in panel.bars][::-1]
         values = [value for _, value, _ in panel.bars][::-1]
