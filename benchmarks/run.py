@@ -5,15 +5,19 @@ two worker processes, on 127.0.0.1, on a 2-core box shared with the load
 generator. Each round starts every server in turn, loads it with every
 scenario, and stops it (A B C ... A B C ...), so slow drifts of the machine
 touch every server alike; the report takes the median over rounds. Load comes
-from wrk (50 connections, keep-alive or ``Connection: close``) and, for the
-slow mix, from :mod:`benchmarks.slowmix`. Around each load run the CPU time of
+from wrk (50 connections, keep-alive or ``Connection: close``; 1,000 and 5,000
+for the many-connections shape), from :mod:`benchmarks.slowmix` for the slow
+mix (at 80 req/s, and at half the server's hello rate), and from
+:mod:`benchmarks.slowclients` beside wrk for the slow-clients shape; the
+defaults shape is each server started as its README starts it, and with its
+access log on (the VARIANTS servers). Around each load run the CPU time of
 every process of the server (psutil, grouped by role: mongrel2, dispatcher,
 workers, manager) and of the load generator (its rusage) is taken, so the
 report shows where the CPU goes. Everything is bounded: each load run has a
 deadline, each server is stopped with SIGTERM and, past a deadline, SIGKILL of
 its whole process tree; nothing is left running.
 
-    .venv/bin/python benchmarks/run.py            full run, writes docs/benchmarks.rst + .png
+    .venv/bin/python benchmarks/run.py            full run, writes docs/benchmarks.rst + .pngs
     .venv/bin/python benchmarks/run.py --quick    hello only, one round, under 3 minutes
 
 Results (JSON, server logs, profiles) go to benchmarks/results/ (git-ignored).
