@@ -27,7 +27,7 @@ test-trixie:
 docs: deps
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 
-# make bench: the benchmark of docs/benchmarks.rst (about 30 min); bench-quick: hello only, < 3 min
+# make bench: the benchmark of docs/benchmarks.rst (about an hour); bench-quick: hello only, < 3 min
 bench: deps $(VENV)/.bench-installed
 	$(VENV)/bin/python benchmarks/run.py
 

@@ -8,6 +8,7 @@ same for every server:
 ``/``                 hello: 13 bytes of text
 ``/json``             a JSON document of about 1 KB, serialised per request
 ``/big``              a 100 KB response (one precomputed bytes object)
+``/mb``               a 1 MB response, for the slow readers of the slow-clients load
 ``/echo``             a POST whose body (1 MB in the benchmark) is sent back
 ``/slow``             sleeps 1 s, then answers like ``/``: the slow mix sends
                       1 request in 100 here and the rest to ``/``
@@ -27,6 +28,7 @@ StartResponse = Callable[..., object]
 
 HELLO = b"Hello, World!"
 BIG = b"x" * (100 * 1024)
+MB = b"x" * (1 << 20)
 SLOW_SECONDS = 1.0
 #: About 1 KB once serialised: the shape of a typical API answer.
 DOCUMENT = {
@@ -57,6 +59,10 @@ def big(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     return _plain(start_response, BIG, "application/octet-stream")
 
 
+def mb(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    return _plain(start_response, MB, "application/octet-stream")
+
+
 def echo(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     length = int(environ.get("CONTENT_LENGTH") or 0)
     body = environ["wsgi.input"].read(length) if length else b""
@@ -69,7 +75,7 @@ def slow(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
 
 
 ROUTES: dict[str, Callable[[Environ, StartResponse], Iterable[bytes]]] = {
-    "/": hello, "/json": json, "/big": big, "/echo": echo, "/slow": slow,
+    "/": hello, "/json": json, "/big": big, "/mb": mb, "/echo": echo, "/slow": slow,
 }
 
 

@@ -79,7 +79,7 @@ def work(path: str) -> None:
     tune_malloc()  # as the real workers do
     while (link := framing.connect(path)) is None:
         time.sleep(0.05)
-    link.send((dp.READY, b"%d" % os.getpid(), b"1", b"1"))
+    link.send((dp.READY, b"%d" % os.getpid(), b"1", b"1", b"0"))  # pid, idle, threads, received
     while not link.closed:
         select.select([link.sock], [], [])
         for frames in link.receive():

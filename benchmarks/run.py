@@ -5,15 +5,19 @@ two worker processes, on 127.0.0.1, on a 2-core box shared with the load
 generator. Each round starts every server in turn, loads it with every
 scenario, and stops it (A B C ... A B C ...), so slow drifts of the machine
 touch every server alike; the report takes the median over rounds. Load comes
-from wrk (50 connections, keep-alive or ``Connection: close``) and, for the
-slow mix, from :mod:`benchmarks.slowmix`. Around each load run the CPU time of
+from wrk (50 connections, keep-alive or ``Connection: close``; 1,000 and 5,000
+for the many-connections shape), from :mod:`benchmarks.slowmix` for the slow
+mix (at 80 req/s, and at half the server's hello rate), and from
+:mod:`benchmarks.slowclients` beside wrk for the slow-clients shape; the
+defaults shape is each server started as its README starts it, and with its
+access log on (the VARIANTS servers). Around each load run the CPU time of
 every process of the server (psutil, grouped by role: mongrel2, dispatcher,
 workers, manager) and of the load generator (its rusage) is taken, so the
 report shows where the CPU goes. Everything is bounded: each load run has a
 deadline, each server is stopped with SIGTERM and, past a deadline, SIGKILL of
 its whole process tree; nothing is left running.
 
-    .venv/bin/python benchmarks/run.py            full run, writes docs/benchmarks.rst + .png
+    .venv/bin/python benchmarks/run.py            full run, writes docs/benchmarks.rst + .pngs
     .venv/bin/python benchmarks/run.py --quick    hello only, one round, under 3 minutes
 
 Results (JSON, server logs, profiles) go to benchmarks/results/ (git-ignored).
@@ -82,8 +86,25 @@ class Scenario:
     method: str = "GET"
     body_size: int = 0
     close: bool = False
-    client: str = "wrk"  # or "slowmix", whose table ranks the fast requests' p99
+    #: "wrk"; "slowmix", whose table ranks the fast requests' p99; or "slowclients": wrk
+    #: beside benchmarks/slowclients.py.
+    client: str = "wrk"
+    connections: int = CONNECTIONS
+    #: The scenario whose result of the same round, on the same server start, this one
+    #: is read against (and, for a slow mix, takes its rate from).
+    baseline: str = ""
+    #: The slow mix's rate as a share of the baseline's req/s (0: the fixed SLOWMIX_RATE).
+    rate_share: float = 0.0
 
+
+#: The slow mix's fixed rate: the slow requests keep one of two workers asleep on average.
+SLOWMIX_RATE = 80.0
+#: The slow-clients load: slowloris clients and slow readers (benchmarks/slowclients.py),
+#: started this long before the fast load, so they are all there when it starts.
+SLOWLORIS_CLIENTS, SLOW_READERS, SLOW_READ_RATE = 200, 50, 100 * 1024
+SLOW_CLIENTS_LEAD = 2.0
+#: wrk's threads for the many-connections scenarios (at least).
+MANY_CONNECTIONS_THREADS = 2
 
 SCENARIOS = (
     Scenario("hello", "hello (13 B), keep-alive"),
@@ -92,8 +113,18 @@ SCENARIOS = (
     Scenario("big", "100 KB response, keep-alive", "/big"),
     Scenario("upload", "1 MB POST echoed back, keep-alive", "/echo", "POST", 1 << 20),
     Scenario("slowmix", "1 % of requests sleep 1 s (80 req/s, open loop)", client="slowmix"),
+    Scenario("hello-1k", "hello, 1,000 keep-alive connections", connections=1000),
+    Scenario("hello-5k", "hello, 5,000 keep-alive connections", connections=5000),
+    Scenario("slowclients", f"hello beside {SLOWLORIS_CLIENTS} slowloris clients and "
+             f"{SLOW_READERS} slow readers", client="slowclients", baseline="hello"),
+    Scenario("slowmix-half", "1 % of requests sleep 1 s, at half the server's hello rate",
+             client="slowmix", baseline="hello", rate_share=0.5),
 )
 QUICK_SCENARIOS = ("hello", "hello-close")
+#: The scenarios of each of issue 20's load shapes (the defaults shape is servers: see
+#: VARIANTS), each with its own section in the document.
+SHAPES = {"connections": ("hello-1k", "hello-5k"), "slowclients": ("slowclients",),
+          "slowmix-half": ("slowmix-half",)}
 
 
 # ---------------------------------------------------------------------------
@@ -118,10 +149,15 @@ class Server:
     launch: Callable[[int], Launch]  # port -> how to start it
     group: Callable[[psutil.Process, int], str]  # (process, root pid) -> role
     scenarios: tuple[str, ...] | None = None  # None: all
-    paths: dict[str, str] = field(default_factory=dict)  # scenario -> URL path override
+    paths: dict[str, str] = field(default_factory=dict)  # scenario's path -> its own
     stop_signals: tuple[int, ...] = (signal.SIGTERM,)
     python_side: tuple[str, ...] = ("workers",)  # roles whose CPU is the Python side
     note: str = ""  # how it runs, for the document, when its argv would not say it
+    #: For the defaults shape: the server this one is a variant of, and which
+    #: ("defaults": as its README starts it; "accesslog": that with its access log on).
+    variant_of: str = ""
+    variant: str = ""
+    access_log: str = ""  # a variant's access log, for the document
 
 
 def _circus_group(proc: psutil.Process, root: int) -> str:
@@ -145,6 +181,12 @@ def _master_and_workers(proc: psutil.Process, root: int) -> str:
 
 def _single(role: str) -> Callable[[psutil.Process, int], str]:
     return lambda proc, root: role
+
+
+def circus_defaults(port: int) -> Launch:
+    """``circus-wsgi serve`` as the README starts it: its access log on, to stderr."""
+    return Launch([str(BIN / "circus-wsgi"), "serve", APP, "--bind", f"{HOST}:{port}",
+                   *SERVE_ARGS])
 
 
 def circus_wsgi(threads: int, direct: bool = False) -> Callable[[int], Launch]:
@@ -179,20 +221,35 @@ def two_hosts(port: int) -> Launch:
                   cleanup=lambda: shutil.rmtree(run_dir, ignore_errors=True))
 
 
-def gunicorn(worker_class: str) -> Callable[[int], Launch]:
+def gunicorn(worker_class: str = "", access_log: bool = False) -> Callable[[int], Launch]:
+    """Gunicorn with ``worker_class``, its log at warning; or without one, as its README
+    starts it (its default sync worker, log level info, no access log); either with its
+    access log on, to stdout."""
     def launch(port: int) -> Launch:
-        argv = [str(BIN / "gunicorn"), "--workers", "2", "--bind", f"{HOST}:{port}",
-                "--chdir", str(ROOT), "--log-level", "warning", "--worker-class", worker_class]
+        argv = [str(BIN / "gunicorn"), "--workers", "2", "--bind", f"{HOST}:{port}"]
+        if worker_class:
+            argv += ["--chdir", str(ROOT), "--log-level", "warning", "--worker-class",
+                     worker_class]
         if worker_class == "gthread":
             argv += ["--threads", "4"]
+        if access_log:
+            argv += ["--access-logfile", "-"]
         return Launch(argv + [APP])
     return launch
 
 
-def granian(port: int) -> Launch:
-    return Launch([str(BIN / "granian"), "--interface", "wsgi", "--workers", "2",
-                   "--host", HOST, "--port", str(port), "--log-level", "warning", "--no-ws",
-                   APP])
+def granian(tuned: bool = True, access_log: bool = False) -> Callable[[int], Launch]:
+    """Granian with its log at warning and no websockets; or (not ``tuned``) as its
+    README starts it; either with its access log on."""
+    def launch(port: int) -> Launch:
+        argv = [str(BIN / "granian"), "--interface", "wsgi", "--workers", "2",
+                "--host", HOST, "--port", str(port)]
+        if tuned:
+            argv += ["--log-level", "warning", "--no-ws"]
+        if access_log:
+            argv += ["--access-log"]
+        return Launch(argv + [APP])
+    return launch
 
 
 WAITRESS = ("import logging, sys; logging.basicConfig(level=logging.ERROR); "
@@ -204,6 +261,11 @@ def waitress(port: int) -> Launch:
     # waitress-serve logs a warning per queued task under load; this is the same
     # server with its logging at ERROR.
     return Launch([sys.executable, "-c", WAITRESS, f"{HOST}:{port}"])
+
+
+def waitress_defaults(port: int) -> Launch:
+    """``waitress-serve`` as its documentation starts it (4 threads, no access log)."""
+    return Launch([str(BIN / "waitress-serve"), f"--listen={HOST}:{port}", APP])
 
 
 def circus_config(direct: bool = False) -> Callable[[int], Launch]:
@@ -274,6 +336,9 @@ def mongrel2_static(port: int) -> Launch:
                   cleanup=lambda: shutil.rmtree(base, ignore_errors=True))
 
 
+#: The new shapes' scenarios, and those the ceilings run (they serve no slow clients).
+SHAPE_SCENARIOS = tuple(name for names in SHAPES.values() for name in names)
+CEILING_SCENARIOS = ("hello", "hello-close", *SHAPES["connections"])
 SERVERS = (
     Server("circus-t1", "circus-wsgi, threads 1", circus_wsgi(1), _circus_group,
            python_side=("dispatcher", "workers")),
@@ -285,32 +350,57 @@ SERVERS = (
     Server("circus-direct", "circus-wsgi direct (no dispatcher)", circus_wsgi(1, direct=True),
            _circus_group, python_side=("dispatcher", "workers")),
     Server("circus-remote", "circus-wsgi, 1 local + 1 remote worker", two_hosts, _circus_group,
-           scenarios=("hello", "big"), python_side=("dispatcher", "workers"),
+           scenarios=("hello", "big", *SHAPE_SCENARIOS), python_side=("dispatcher", "workers"),
            note="``python -m benchmarks.two_hosts PORT TAG RUN_DIR``: the front (mongrel2, the "
            "dispatcher, one worker) in one network namespace, a worker host (``--role "
            "workers``, one worker) in another, joined by a veth pair, CURVE on; the load "
            "generator runs in the front's namespace."),
-    Server("granian", "Granian WSGI", granian, _master_and_workers),
+    Server("granian", "Granian WSGI", granian(), _master_and_workers),
     Server("waitress", "Waitress 1x4 threads", waitress, _single("workers")),
     Server("m2-null-dispatcher", "dispatcher + null workers (ceiling)",
-           nullhandler("--dispatcher"), _circus_group, scenarios=("hello", "hello-close"),
+           nullhandler("--dispatcher"), _circus_group, scenarios=CEILING_SCENARIOS,
            python_side=("dispatcher", "workers"),
            note="``python -m benchmarks.nullhandler PORT --dispatcher``: circus-wsgi's "
            "dispatcher and mongrel2 (flow control on, as circus-wsgi runs them) with two "
            "workers that answer without WSGI: what circus-wsgi would reach if its workers "
            "cost nothing."),
     Server("m2-null", "mongrel2 + null handlers (ceiling)", nullhandler(), _circus_group,
-           scenarios=("hello", "hello-close"),
+           scenarios=CEILING_SCENARIOS,
            note="``python -m benchmarks.nullhandler PORT``: mongrel2 (flow control off) and "
            "two Python processes that answer with one recv and one send: no design with "
            "Python behind mongrel2 is faster."),
     Server("m2-static", "mongrel2 static file (ceiling)", mongrel2_static, _single("mongrel2"),
-           scenarios=("hello", "hello-close", "big"),
-           paths={"hello": "/static/hello.txt", "hello-close": "/static/hello.txt",
-                  "big": "/static/big.bin"},
+           scenarios=(*CEILING_SCENARIOS, "big"),
+           paths={"/": "/static/hello.txt", "/big": "/static/big.bin"},
            stop_signals=(signal.SIGTERM, signal.SIGTERM), python_side=(),
            note="``mongrel2 config.sqlite UUID``, the config.sqlite written by circus-wsgi's "
            "own generator (``Settings(static=[('/static', DIR)])``), the files at /static/."),
+)
+#: The defaults shape: each server as its README starts it, and with its access log on
+#: (circus-wsgi's is on by default; Waitress has none); hello only.
+VARIANTS = (
+    Server("circus-t1-defaults", "circus-wsgi, defaults (access log on)", circus_defaults,
+           _circus_group, scenarios=("hello",), python_side=("dispatcher", "workers"),
+           variant_of="circus-t1", variant="defaults",
+           access_log="on, to stderr (its default)"),
+    Server("gunicorn-sync-defaults", "Gunicorn sync, defaults", gunicorn(),
+           _master_and_workers, scenarios=("hello",), variant_of="gunicorn-sync",
+           variant="defaults",
+           access_log="off (its default)"),
+    Server("gunicorn-sync-accesslog", "Gunicorn sync, access log on", gunicorn(access_log=True),
+           _master_and_workers, scenarios=("hello",), variant_of="gunicorn-sync",
+           variant="accesslog",
+           access_log="on, to stdout (--access-logfile -)"),
+    Server("granian-defaults", "Granian WSGI, defaults", granian(tuned=False),
+           _master_and_workers, scenarios=("hello",), variant_of="granian", variant="defaults",
+           access_log="off (its default)"),
+    Server("granian-accesslog", "Granian WSGI, access log on",
+           granian(tuned=False, access_log=True), _master_and_workers, scenarios=("hello",),
+           variant_of="granian", variant="accesslog",
+           access_log="on (--access-log)"),
+    Server("waitress-defaults", "Waitress, defaults", waitress_defaults, _single("workers"),
+           scenarios=("hello",), variant_of="waitress", variant="defaults",
+           access_log="none (Waitress has no access log)"),
 )
 CONFIG_NOTE = ("``circus-wsgi config APP --workers 2 --access-log= %s--out DIR`` and "
                "``circusd DIR/circus.ini``, with the --mongrel2-setting values put in "
@@ -387,7 +477,7 @@ class Running:
         self.leftovers: list[str] = []
 
     def url(self, scenario: Scenario) -> str:
-        return f"http://{HOST}:{self.port}{self.server.paths.get(scenario.name, scenario.path)}"
+        return f"http://{HOST}:{self.port}{self.server.paths.get(scenario.path, scenario.path)}"
 
     def processes(self) -> list[psutil.Process]:
         """The root and all its descendants now (each remembered for the final stop)."""
@@ -448,6 +538,15 @@ class Running:
                 snapshot[(proc.pid, proc.create_time())] = (
                     self.server.group(proc, self.root.pid), times.user + times.system)
         return snapshot
+
+    def memory(self) -> dict[str, float]:
+        """Resident memory (bytes) of the server's processes now, summed by role."""
+        usage: dict[str, float] = {}
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                role = self.server.group(proc, self.root.pid)
+                usage[role] = usage.get(role, 0.0) + proc.memory_info().rss
+        return usage
 
     def stop(self) -> None:
         """SIGTERM (twice for mongrel2), wait, then SIGKILL whatever of the tree remains."""
@@ -534,25 +633,38 @@ def running(server: Server, logs: Path, incidents: list[str] | None = None
 # Load
 
 
+class _Load:
+    """A load generator started, SIGKILLed past ``deadline`` seconds unless finished."""
+
+    def __init__(self, argv: list[str], deadline: float) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        self.timer = _Timer(deadline, self.proc.pid)
+
+    def finish(self) -> tuple[str, float]:
+        """Wait for it to end; return its output and its CPU seconds (from its rusage)."""
+        proc = self.proc
+        try:
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            self.timer.cancel()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{self.argv[0]} exited with {proc.returncode}: {output[-500:]}")
+        return output, usage.ru_utime + usage.ru_stime
+
+
 def _bounded(argv: list[str], deadline: float) -> tuple[str, float]:
     """Run a load generator to completion (SIGKILL past ``deadline`` seconds);
-    return its output and its CPU seconds (from its rusage)."""
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_die_with_parent)
-    timer = _Timer(deadline, proc.pid)
-    try:
-        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        timer.cancel()
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} exited with {proc.returncode}: {output[-500:]}")
-    return output, usage.ru_utime + usage.ru_stime
+    return its output and its CPU seconds."""
+    return _Load(argv, deadline).finish()
 
 
 class _Timer:
@@ -587,8 +699,10 @@ def _report_line(output: str) -> dict:
 
 def wrk_argv(url: str, scenario: Scenario, duration: float, threads: int) -> list[str]:
     seconds = max(1, round(duration))  # wrk takes whole seconds
-    argv = ["wrk", f"-t{threads}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "10s",
-            "-s", str(WRK_SCRIPT)]
+    if scenario.connections > CONNECTIONS:
+        threads = max(threads, MANY_CONNECTIONS_THREADS)
+    argv = ["wrk", f"-t{threads}", f"-c{scenario.connections}", f"-d{seconds}s",
+            "--timeout", "10s", "-s", str(WRK_SCRIPT)]
     if scenario.close:
         argv += ["-H", "Connection: close"]
     argv.append(url)
@@ -597,10 +711,22 @@ def wrk_argv(url: str, scenario: Scenario, duration: float, threads: int) -> lis
     return argv
 
 
-def slowmix_argv(url: str, duration: float) -> list[str]:
-    base = url.split("/", 3)
-    return [sys.executable, str(BENCH / "slowmix.py"), "/".join(base[:3]),
-            "--duration", f"{duration:g}", "--connections", str(CONNECTIONS)]
+def _origin(url: str) -> str:
+    return "/".join(url.split("/", 3)[:3])
+
+
+def slowmix_argv(url: str, duration: float, rate: float) -> list[str]:
+    """The slow mix at ``rate``; above the fixed rate, with connections enough for the slow
+    requests (about ``rate`` / 100 of them in flight, twice that) besides the usual 50."""
+    connections = CONNECTIONS + (2 * round(rate / 100) if rate > SLOWMIX_RATE else 0)
+    return [sys.executable, str(BENCH / "slowmix.py"), _origin(url), "--duration",
+            f"{duration:g}", "--rate", f"{rate:.0f}", "--connections", str(connections)]
+
+
+def slowclients_argv(url: str, duration: float) -> list[str]:
+    return [sys.executable, str(BENCH / "slowclients.py"), _origin(url),
+            "--slowloris", str(SLOWLORIS_CLIENTS), "--readers", str(SLOW_READERS),
+            "--read-rate", str(SLOW_READ_RATE), "--duration", f"{duration:g}"]
 
 
 def wait_for_quiet(max_wait: float, threshold: float = QUIET_THRESHOLD) -> float:
@@ -621,17 +747,46 @@ def wait_for_quiet(max_wait: float, threshold: float = QUIET_THRESHOLD) -> float
 
 
 def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads: int,
-            quiet_wait: float = 0.0) -> dict:
-    """One load run against a running server: throughput, latency and CPU by role."""
+            quiet_wait: float = 0.0, baseline: dict | None = None) -> dict:
+    """One load run against a running server: throughput, latency, CPU by role, and the
+    resident memory of its processes near the end. ``baseline``: the same server start's
+    result of ``scenario.baseline``, which a slow mix at a share of it needs."""
     waited = wait_for_quiet(quiet_wait) if quiet_wait else 0.0
     url = instance.url(scenario)
+    rate = SLOWMIX_RATE
+    if scenario.rate_share:
+        if baseline is None:
+            raise RuntimeError(f"{scenario.name} needs {scenario.baseline} first")
+        rate = scenario.rate_share * baseline["rps"]
     if scenario.client == "slowmix":
-        argv = slowmix_argv(url, duration)
+        argv = slowmix_argv(url, duration, rate)
     else:
         argv = wrk_argv(url, scenario, duration, wrk_threads)
     before, machine_before = instance.cpu(), _machine_busy()
     started = time.monotonic()
+    slow_clients = None
+    if scenario.client == "slowclients":
+        slow_clients = _Load(instance.client(slowclients_argv(
+            url, SLOW_CLIENTS_LEAD + duration + 0.5)), SLOW_CLIENTS_LEAD + duration + 40)
+        time.sleep(SLOW_CLIENTS_LEAD)
+    memory = _Sampler(0.8 * duration, instance.memory)
     output, loadgen_cpu = _bounded(instance.client(argv), duration + 30)
+    memory.cancel()
+    more: dict[str, float] = {f"rss_mb:{role}": rss / 2**20
+                              for role, rss in memory.value.items()}
+    if memory.value:
+        more["rss_mb"] = sum(memory.value.values()) / 2**20
+    if slow_clients is not None:
+        slow_output, slow_cpu = slow_clients.finish()
+        loadgen_cpu += slow_cpu
+        slow = _report_line(slow_output)
+        more.update({"loris_connections": slow["slowloris"]["connections"],
+                     "loris_closed": slow["slowloris"]["closed_by_server"],
+                     "reader_kb_s": slow["readers"]["bytes_per_s_each"] / 1024,
+                     "reader_responses": slow["readers"]["responses"],
+                     "reader_cut": slow["readers"]["cut"],
+                     "slow_connect_errors": slow["slowloris"]["connect_errors"]
+                     + slow["readers"]["connect_errors"]})
     wall = time.monotonic() - started
     after, machine_after = instance.cpu(), _machine_busy()
     report = _report_line(output)
@@ -656,6 +811,7 @@ def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads:
         result["p50_ms"] = report["fast"]["latency_us"]["50"] / 1000
         result["p99_ms"] = report["fast"]["latency_us"]["99"] / 1000
         result["errors"] = report["fast"]["errors"] + report["slow"]["errors"]
+        more.update({"asked_rate": rate, "slow_p99_ms": report["slow"]["latency_us"]["99"] / 1000})
     else:
         result["p50_ms"] = report["latency_us"]["50"] / 1000
         result["p99_ms"] = report["latency_us"]["99"] / 1000
@@ -663,7 +819,30 @@ def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads:
         result["errors"] = errors["connect"] + errors["write"] + errors["status"] \
             + errors["timeout"]
         result["resets"] = errors["read"]  # a read failed: reset, or closed mid-response
+        # wrk counts every response; the ones that were no refusal (503 and the like):
+        more["ok_rps"] = (report["requests"] - errors["status"]) / seconds
+    if baseline is not None:
+        more.update({"base_rps": baseline["rps"], "base_p99_ms": baseline["p99_ms"],
+                     "kept_pct": 100 * result["rps"] / baseline["rps"]})
+        if result["requests"]:  # no response, no latency
+            more["p99_x"] = result["p99_ms"] / baseline["p99_ms"]
+    result["more"] = more
     return result
+
+
+class _Sampler:
+    """Call ``sample`` once, ``delay`` seconds from now (in a thread), unless cancelled
+    first; its answer is in ``value``."""
+
+    def __init__(self, delay: float, sample: Callable[[], dict[str, float]]) -> None:
+        self.value: dict[str, float] = {}
+        self._timer = threading.Timer(delay, lambda: self.value.update(sample()))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self._timer.join()
 
 
 # ---------------------------------------------------------------------------
@@ -691,13 +870,20 @@ def run_rounds(servers: list[Server], scenarios: list[Scenario], rounds: int, du
                     if warmup:
                         _bounded(instance.client(wrk_argv(instance.url(first), first, warmup,
                                                           wrk_threads)), warmup + 30)
+                    done: dict[str, dict] = {}
                     for scenario in wanted:
                         run_duration = slow_duration if scenario.client == "slowmix" \
                             else duration
+                        baseline = done.get(scenario.baseline)
+                        if scenario.baseline and baseline is None:
+                            incidents.append(f"{server.title}, round {number}: no "
+                                             f"{scenario.baseline} result for {scenario.name}")
+                            continue
                         result = measure(instance, scenario, run_duration, wrk_threads,
-                                         quiet_wait)
+                                         quiet_wait, baseline)
                         result["round"] = number
                         results.append(result)
+                        done[scenario.name] = result
                         if result["idle_workers"]:
                             incidents.append(
                                 f"{server.title}, round {number}, {scenario.title}: worker "
@@ -733,7 +919,7 @@ def _resets(count: int) -> str:
 
 
 SCENARIOS_BY_NAME = {s.name: s for s in SCENARIOS}
-SERVERS_BY_NAME = {s.name: s for s in SERVERS + EXTRA_SERVERS}
+SERVERS_BY_NAME = {s.name: s for s in SERVERS + VARIANTS + EXTRA_SERVERS}
 
 
 # ---------------------------------------------------------------------------
@@ -910,8 +1096,10 @@ def summarize(results: list[dict]) -> dict[str, dict[str, dict]]:
         cell = table.setdefault(result["server"], {}).setdefault(result["scenario"], {
             "rps": [], "p50_ms": [], "p99_ms": [], "errors": 0, "resets": 0, "rounds": 0,
             "cpu_pct": {role: [] for role in ROLES}, "cpu_us_per_req": {r: [] for r in ROLES},
-            "balanced": []})
+            "balanced": [], "more": {}})
         cell["rounds"] += 1
+        for key, value in result.get("more", {}).items():
+            cell["more"].setdefault(key, []).append(value)
         if not result.get("idle_workers"):
             cell["balanced"].append(result["rps"])
         cell["errors"] += result["errors"]
@@ -930,7 +1118,7 @@ def summarize(results: list[dict]) -> dict[str, dict[str, dict]]:
             cell["balanced"] = statistics.median(cell["balanced"]) if cell["balanced"] else None
             for key in ("rps", "p50_ms", "p99_ms"):
                 cell[key] = statistics.median(cell[key])
-            for key in ("cpu_pct", "cpu_us_per_req"):
+            for key in ("cpu_pct", "cpu_us_per_req", "more"):
                 cell[key] = {role: statistics.median(v) for role, v in cell[key].items()}
     return table
 
@@ -950,9 +1138,14 @@ class Target:
     limit: float
     unit: str
     at_least: bool = True
+    issue: int = 6  # the issue that set it
+    retired: str = ""  # why it no longer counts (and by which issue)
+    shape: str = ""  # the load shape (SHAPES, or "defaults") whose section shows it too
 
     @property
     def state(self) -> str:
+        if self.retired:
+            return "retired"
         if self.value is None:
             return "not measured"
         good = self.value >= self.limit if self.at_least else self.value <= self.limit
@@ -972,15 +1165,36 @@ def _ratio(table: dict, server: str, other: str, scenario: str, key: str = "rps"
     return a[key] / reference
 
 
+def _more(table: dict, server: str, scenario: str, key: str) -> float | None:
+    """A scenario's own measure (the median over rounds of ``result["more"][key]``)."""
+    return table.get(server, {}).get(scenario, {}).get("more", {}).get(key)
+
+
+def _more_ratio(table: dict, server: str, other: str, scenario: str, key: str
+                ) -> float | None:
+    a, b = _more(table, server, scenario, key), _more(table, other, scenario, key)
+    return a / b if a is not None and b else None
+
+
+def _log_cost(table: dict, server: str) -> float | None:
+    """How much of ``server``'s hello rate its defaults variant (access log on) loses, %."""
+    variant = next((v.name for v in VARIANTS if v.variant_of == server
+                    and v.variant == "defaults"), "")
+    ratio = _ratio(table, variant, server, "hello")
+    return None if ratio is None else 100 * (1 - ratio)
+
+
 def targets(table: dict, server: str = "circus-t1") -> list[Target]:
-    """Issue 6's targets, measured on circus-wsgi's default configuration."""
+    """Issue 6's and issue 20's targets, measured on circus-wsgi's default configuration."""
     return [
         Target("hello keep-alive >= 2.5x Gunicorn sync",
                _ratio(table, server, "gunicorn-sync", "hello"), 2.5, "x"),
         Target("hello keep-alive >= 1.5x Gunicorn gthread",
                _ratio(table, server, "gunicorn-gthread", "hello"), 1.5, "x"),
         Target("hello keep-alive >= 0.55x the mongrel2 static ceiling",
-               _ratio(table, server, "m2-static", "hello"), 0.55, "x"),
+               _ratio(table, server, "m2-static", "hello"), 0.55, "x",
+               retired="by issue 20: a static file never crosses to Python; the "
+               "null-handler ceiling replaces it"),
         Target("hello Connection: close >= 1.4x Gunicorn sync",
                _ratio(table, server, "gunicorn-sync", "hello-close"), 1.4, "x"),
         Target("slow mix: fast requests' p99 <= 2x Gunicorn sync's",
@@ -992,6 +1206,29 @@ def targets(table: dict, server: str = "circus-t1") -> list[Target]:
                _ratio(table, server, "gunicorn-sync", "big"), 1.0, "x"),
         Target("1 MB uploads: req/s >= Gunicorn sync",
                _ratio(table, server, "gunicorn-sync", "upload"), 1.0, "x"),
+        Target("hello keep-alive >= 3x Gunicorn sync",
+               _ratio(table, server, "gunicorn-sync", "hello"), 3.0, "x", issue=20),
+        Target("hello keep-alive >= 0.6x the mongrel2 + null handlers ceiling",
+               _ratio(table, server, "m2-null", "hello"), 0.6, "x", issue=20),
+        Target("Python side (dispatcher + workers) <= 30 us CPU per hello request",
+               python_us(table, server), 30.0, "us", at_least=False, issue=20),
+        Target("defaults: the default access log costs <= 10 % of the log-off hello rate",
+               _log_cost(table, server), 10.0, "%", at_least=False, issue=20, shape="defaults"),
+        Target("1,000 connections: req/s (2xx) >= 3x Gunicorn sync",
+               _more_ratio(table, server, "gunicorn-sync", "hello-1k", "ok_rps"), 3.0, "x",
+               issue=20, shape="connections"),
+        Target("slow clients: the fast load keeps >= 90 % of its req/s",
+               _more(table, server, "slowclients", "kept_pct"), 90.0, "%", issue=20,
+               shape="slowclients"),
+        Target("slow clients: the fast load's p99 <= 2x its own without them",
+               _more(table, server, "slowclients", "p99_x"), 2.0, "x", at_least=False,
+               issue=20, shape="slowclients"),
+        Target("slow mix at half capacity: fast p99 <= Gunicorn sync's",
+               _ratio(table, server, "gunicorn-sync", "slowmix-half", "p99_ms"), 1.0, "x",
+               at_least=False, issue=20, shape="slowmix-half"),
+        Target("slow mix at half capacity: fast p99 <= Granian's",
+               _ratio(table, server, "granian", "slowmix-half", "p99_ms"), 1.0, "x",
+               at_least=False, issue=20, shape="slowmix-half"),
     ]
 
 
@@ -1128,46 +1365,269 @@ def scenario_table(table: dict, scenario: Scenario, servers: list[Server]) -> li
     return lines
 
 
-def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Path) -> None:
+@dataclass
+class Panel:
+    """One bar chart of a figure: a bar per (label, value, server name)."""
+
+    title: str
+    xlabel: str
+    bars: list[tuple[str, float, str]]
+    log: bool = False  # a log scale, for latencies that span decades
+
+
+def _color(server: str) -> str:
+    return "tab:red" if server.startswith("circus") else \
+        "tab:gray" if server.startswith("m2-") else "tab:blue"
+
+
+def draw(panels: list[Panel], path: Path, title: str) -> None:
+    """The panels, two to a row, into one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [s for s in scenarios if any(s.name in table.get(v.name, {}) for v in servers)]
-    columns = 2 if len(shown) > 1 else 1
-    rows = (len(shown) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 2.6 + 2.4 * rows),
-                             squeeze=False)
-    for ax, scenario in zip(axes.flat, shown, strict=False):
-        names, values, colors = [], [], []
-        for server in servers:
-            cell = table.get(server.name, {}).get(scenario.name)
-            if not cell:
-                continue
-            names.append(server.title)
-            values.append(cell["p99_ms"] if scenario.client == "slowmix" else cell["rps"])
-            colors.append("tab:red" if server.name.startswith("circus")
-                          else "tab:gray" if server.name.startswith("m2-") else "tab:blue")
-        ax.barh(names[::-1], values[::-1], color=colors[::-1])
-        ax.set_title(scenario.title, fontsize=10)
-        ax.set_xlabel("fast requests' p99 latency, ms (lower is better)"
-                      if scenario.client == "slowmix" else "requests/s (median)", fontsize=8)
-        if scenario.client == "slowmix":
+    panels = [p for p in panels if p.bars]
+    columns = 2 if len(panels) > 1 else 1
+    rows = max(1, (len(panels) + columns - 1) // columns)
+    width = 6.5 * columns if columns > 1 else 9.0  # room for the title over one panel
+    fig, axes = plt.subplots(rows, columns, figsize=(width, 2.6 + 2.4 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        names = [label for label, _, _ in panel.bars][::-1]
+        values = [value for _, value, _ in panel.bars][::-1]
+        ax.barh(names, values, color=[_color(server) for _, _, server in panel.bars][::-1])
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel(panel.xlabel, fontsize=8)
+        if panel.log:
             ax.set_xscale("log")
             ax.set_xlim(right=max(values) * 3)
         else:
-            ax.set_xlim(0, max(values) * 1.18)  # room for the labels
+            ax.set_xlim(0, max(values) * 1.18 or 1)  # room for the labels
         ax.tick_params(labelsize=8)
-        for y, value in enumerate(values[::-1]):
+        for y, value in enumerate(values):
             ax.text(value, y, f" {value:,.0f}" if value >= 10 else f" {value:.1f}",
                     va="center", fontsize=7)
-    for ax in list(axes.flat)[len(shown):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("circus-wsgi and its peers, 2 worker processes each, 2 cores, 127.0.0.1",
-                 fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot(table: dict, scenarios: list[Scenario], servers: list[Server], path: Path) -> None:
+    panels = []
+    for scenario in scenarios:
+        slow = scenario.client == "slowmix"
+        bars = [(server.title, cell["p99_ms"] if slow else cell["rps"], server.name)
+                for server in servers
+                if (cell := table.get(server.name, {}).get(scenario.name))]
+        panels.append(Panel(scenario.title, "fast requests' p99 latency, ms (lower is better)"
+                            if slow else "requests/s (median)", bars, log=slow))
+    draw(panels, path, PLOT_TITLE)
+
+
+PLOT_TITLE = "circus-wsgi and its peers, 2 worker processes each, 2 cores, 127.0.0.1"
+
+
+# ---------------------------------------------------------------------------
+# The load shapes of issue 20: a section each (what was run, a table, a plot, the targets)
+
+
+def _cell(table: dict, server: str, scenario: str) -> dict | None:
+    return table.get(server, {}).get(scenario)
+
+
+def _measured(target: Target) -> str:
+    return _fmt(target.value, 2 if target.unit == "x" else 1, " " + target.unit)
+
+
+def _target_lines(checks: list[Target], shape: str) -> list[str]:
+    lines = [f"- Target: {t.text}: {_measured(t)}, **{t.state}**."
+             for t in checks if t.shape == shape]
+    return lines + [""] if lines else []
+
+
+def _section(title: str, text: str, header: list[str], rows: list[list[str]],
+             panels: list[Panel], png: Path, checks: list[Target], shape: str) -> list[str]:
+    draw(panels, png, f"{title}: {PLOT_TITLE}")
+    return [title, "~" * len(title), "", text, "", f".. image:: {png.name}", "   :width: 100%",
+            "", *_rst_table(header, rows), "", *_target_lines(checks, shape)]
+
+
+def _variants(base: Server, names: set[str]) -> dict[str, Server]:
+    return {v.variant: v for v in VARIANTS if v.variant_of == base.name and v.name in names}
+
+
+def defaults_section(table: dict, servers: list[Server], checks: list[Target],
+                     png: Path) -> list[str]:
+    names = {s.name for s in servers}
+    rows, bars = [], []
+    for base in SERVERS:
+        variants = _variants(base, names)
+        defaults = variants.get("defaults")
+        if defaults is None or not _cell(table, defaults.name, "hello"):
+            continue
+        logged = variants.get("accesslog") or \
+            (defaults if defaults.access_log.startswith("on") else None)
+        off, shipped = _cell(table, base.name, "hello"), _cell(table, defaults.name, "hello")
+        on = _cell(table, logged.name, "hello") if logged else None
+        cells = [off, shipped, on]
+        rows.append([base.title, _fmt(off["rps"] if off else None), _fmt(shipped["rps"]),
+                     _fmt(_ratio(table, defaults.name, base.name, "hello"), 2),
+                     defaults.access_log, _fmt(on["rps"] if on else None),
+                     _fmt(_ratio(table, logged.name, base.name, "hello") if logged else None, 2),
+                     " / ".join(_fmt(c["p99_ms"], 2) if c else "-" for c in cells)])
+        for label, cell in zip(("log off", "defaults", "access log on"), cells, strict=True):
+            if cell and (label != "access log on" or logged is not defaults):
+                bars.append((f"{base.title}: {label}", cell["rps"], base.name))
+    if not rows:
+        return []
+    text = ("hello keep-alive (as in the table above) on each server started as its own "
+            "README starts it, with 2 worker processes as everywhere here (Waitress: its "
+            "4 threads): its default log level and its default access log, then (a second "
+            "server start) with its access log on. *log off* is the server as the rest of "
+            "this page runs it (no access log, logging at warning); *x log off* its ratio "
+            "to that, in the same run. Each server's standard output and error go to a file "
+            "in the results directory, so an access log costs its formatting and a write to "
+            "a file. p99 ms: log off / defaults / log on.")
+    header = ["server", "log off req/s", "defaults req/s", "x log off", "default access log",
+              "log on req/s", "x log off", "p99 ms"]
+    return _section("Defaults as shipped", text, header, rows,
+                    [Panel("hello keep-alive: log off, defaults, access log on",
+                           "requests/s (median)", bars)], png, checks, "defaults")
+
+
+def _roles_memory(cell: dict, server: Server) -> str:
+    return "/".join(f"{cell['more'].get('rss_mb:' + role, 0.0):.0f}"
+                    for role in _roles(server) if role not in ("loadgen", "other"))
+
+
+def connections_section(table: dict, servers: list[Server], checks: list[Target], png: Path,
+                        data: dict) -> list[str]:
+    scenarios = [SCENARIOS_BY_NAME[n] for n in SHAPES["connections"]]
+    shown = [s for s in servers if any(_cell(table, s.name, c.name) for c in scenarios)]
+    if not shown:
+        return []
+    header = ["server"]
+    for scenario in scenarios:
+        header += [f"{scenario.connections:,}: req/s", "x sync", "p99 ms", "errors", "RSS MB"]
+    last = scenarios[-1]
+    header += [f"RSS MB by role at {last.connections:,}", "(roles)"]
+    rows = []
+    panels = [Panel(c.title, "2xx responses/s (median)", []) for c in scenarios]
+    memory = Panel(f"resident memory, {last.connections:,} connections",
+                   "MB, every process of the server (summed RSS)", [])
+    for server in shown:
+        row = [server.title]
+        for scenario, panel in zip(scenarios, panels, strict=True):
+            cell = _cell(table, server.name, scenario.name)
+            if not cell:
+                row += ["-"] * 5
+                continue
+            more = cell["more"]
+            row += [_fmt(more.get("ok_rps")),
+                    _fmt(_more_ratio(table, server.name, REFERENCE, scenario.name, "ok_rps"), 2),
+                    _fmt(cell["p99_ms"], 1), str(cell["errors"]) + _resets(cell["resets"]),
+                    _fmt(more.get("rss_mb"))]
+            panel.bars.append((server.title, more.get("ok_rps", 0.0), server.name))
+        cell = _cell(table, server.name, last.name)
+        row += [_roles_memory(cell, server) if cell else "-",
+                "/".join(ROLE_ABBREVIATIONS[r] for r in _roles(server)
+                         if r not in ("loadgen", "other"))]
+        if cell and "rss_mb" in cell["more"]:
+            memory.bars.append((server.title, cell["more"]["rss_mb"], server.name))
+        rows.append(row)
+    limits = data.get("open_files") or {}
+    threads = max(data["wrk_threads"], MANY_CONNECTIONS_THREADS)
+    text = (f"hello with wrk holding {' and '.join(f'{c.connections:,}' for c in scenarios)} "
+            f"keep-alive connections ({threads} wrk threads, {data['duration']:g} s). The "
+            "benchmark raised its open-file limit, which the servers and wrk inherit, as far "
+            f"as the machine allows: from {limits.get('soft_before', '?')} to "
+            f"{limits.get('soft', '?')} (the hard limit, {limits.get('hard', '?')}). *req/s* "
+            "counts the 2xx responses only; *errors* are the other answers (503 from a "
+            "server that sheds load), connect errors and timeouts. *RSS MB*: the resident "
+            "memory of every process of the server, summed (pages shared between processes "
+            "count once in each), sampled 80 % into the run.")
+    return _section("Many connections", text, header, rows, [*panels, memory], png, checks,
+                    "connections")
+
+
+def slowclients_section(table: dict, servers: list[Server], checks: list[Target],
+                        png: Path, data: dict) -> list[str]:
+    shown = [s for s in servers if _cell(table, s.name, "slowclients")]
+    if not shown:
+        return []
+    header = ["server", "alone req/s", "beside req/s", "kept", "alone p99 ms",
+              "beside p99 ms", "p99 x", "errors", "slowloris closed", "reader KB/s", "cut"]
+    rows = []
+    kept = Panel("the fast load's req/s beside the slow clients",
+                 "% of its rate alone, same round (median)", [])
+    latency = Panel("the fast load's p99 beside the slow clients", "ms (lower is better)", [],
+                    log=True)
+    for server in shown:
+        cell = _cell(table, server.name, "slowclients")
+        assert cell is not None
+        more = cell["more"]
+        answered = cell["rps"] > 0
+        rows.append([server.title, _fmt(more.get("base_rps")), _fmt(cell["rps"]),
+                     _fmt(more.get("kept_pct"), 0, " %"), _fmt(more.get("base_p99_ms"), 2),
+                     _fmt(cell["p99_ms"], 2) if answered else "no answer",
+                     _fmt(more.get("p99_x"), 2), str(cell["errors"]) + _resets(cell["resets"]),
+                     f"{_fmt(more.get('loris_closed'))} of "
+                     f"{_fmt(more.get('loris_connections'))}",
+                     _fmt(more.get("reader_kb_s")), _fmt(more.get("reader_cut"))])
+        kept.bars.append((server.title, more.get("kept_pct", 0.0), server.name))
+        if answered:
+            latency.bars.append((server.title, cell["p99_ms"], server.name))
+    text = (f"The fast load (hello, wrk, {CONNECTIONS} keep-alive connections, "
+            f"{data['duration']:g} s) beside benchmarks/slowclients.py: "
+            f"{SLOWLORIS_CLIENTS} slowloris clients, each sending a request header one byte "
+            "a second and never ending it (connecting again when the server closes it), and "
+            f"{SLOW_READERS} slow readers, each reading 1 MB responses at "
+            f"{SLOW_READ_RATE // 1024} KB/s through a small receive buffer; they start "
+            f"{SLOW_CLIENTS_LEAD:g} s before the fast load. *alone*: the same server's hello "
+            "run just before, in the same server start; *kept* and *p99 x*: beside over "
+            "alone, per round, then the median. *slowloris closed*: connections the server "
+            "closed, of those opened; *reader KB/s*: what each slow reader got per second "
+            f"(at most {SLOW_READ_RATE // 1024}); *cut*: slow readers' connections cut "
+            "mid-response.")
+    return _section("Slow clients", text, header, rows, [kept, latency], png, checks,
+                    "slowclients")
+
+
+def slowmix_half_section(table: dict, servers: list[Server], checks: list[Target],
+                         png: Path, data: dict) -> list[str]:
+    scenario = SCENARIOS_BY_NAME["slowmix-half"]
+    shown = [s for s in servers if _cell(table, s.name, scenario.name)]
+    if not shown:
+        return []
+    header = ["server", "hello req/s", "asked req/s", "done req/s", "fast p50 ms",
+              "fast p99 ms", "x sync's", "x Granian's", "slow p99 ms", "errors"]
+    rows, bars = [], []
+    for server in shown:
+        cell = _cell(table, server.name, scenario.name)
+        assert cell is not None
+        more = cell["more"]
+        rows.append([server.title, _fmt(more.get("base_rps")), _fmt(more.get("asked_rate")),
+                     _fmt(cell["rps"]), _fmt(cell["p50_ms"], 2), _fmt(cell["p99_ms"], 2),
+                     _fmt(_ratio(table, server.name, REFERENCE, scenario.name, "p99_ms"), 2),
+                     _fmt(_ratio(table, server.name, "granian", scenario.name, "p99_ms"), 2),
+                     _fmt(more.get("slow_p99_ms"), 0), str(cell["errors"])])
+        bars.append((server.title, cell["p99_ms"], server.name))
+    text = (f"benchmarks/slowmix.py (as in the slow mix above: open loop, 1 request in 100 "
+            f"sleeps 1 s, latency from each request's due time) for {data['slow_duration']:g} "
+            f"s at {100 * scenario.rate_share:.0f} % of each server's own hello rate in the "
+            f"same server start (*asked*), over {CONNECTIONS} connections plus two for each "
+            "slow request in flight; *done* is what was answered per second. A slow request "
+            "holds a worker thread for 1 s, so at R req/s the mix keeps R/100 threads asleep: "
+            "a server with T threads in all answers at most about 100 x T req/s of it, "
+            "whatever its hello rate; where *done* falls short of *asked*, requests waited "
+            "(for a connection, or in the server) and the latencies include that wait. The "
+            "client is Python: at the highest rates it may itself fall behind (its CPU is "
+            "the wrk column of the tables above).")
+    return _section("The slow mix at real load", text, header, rows,
+                    [Panel(scenario.title, "fast requests' p99 latency, ms (lower is better)",
+                           bars, log=True)], png, checks, "slowmix-half")
 
 
 def _profile_section(found: dict | None) -> list[str]:
@@ -1269,15 +1729,23 @@ def _contention(data: dict) -> str:
             f"{statistics.median(waited):.1f} s).")
 
 
+def _beside(png: Path, shape: str) -> Path:
+    """A shape's plot: docs/benchmarks-SHAPE.png beside docs/benchmarks.png."""
+    return png.with_name(f"{png.stem}-{shape}{png.suffix}")
+
+
 def write_document(data: dict, doc: Path) -> None:
     env, table = data["environment"], summarize(data["results"])
-    servers = [SERVERS_BY_NAME[name] for name in data["servers"]]
-    scenarios = [SCENARIOS_BY_NAME[name] for name in data["scenarios"]]
+    every_server = [SERVERS_BY_NAME[name] for name in data["servers"]]
+    servers = [s for s in every_server if not s.variant_of]  # the defaults shape's apart
+    scenarios = [SCENARIOS_BY_NAME[name] for name in data["scenarios"]
+                 if name not in SHAPE_SCENARIOS]
     png = doc.with_suffix(".png")
     plot(table, scenarios, servers, png)
     checks = targets(table)
     held = [t for t in checks if t.state == "holds"]
     missed = [t for t in checks if t.state == "MISSED"]
+    counted = [t for t in checks if t.state != "retired"]
     title = "Benchmarks"
     lines = [":orphan:", "", "..", "   Generated by benchmarks/run.py; do not edit: run it again.",
              "", title, "=" * len(title), "",
@@ -1289,7 +1757,7 @@ def write_document(data: dict, doc: Path) -> None:
              "with every scenario and stopping it. Every number is the median over the "
              "rounds. Every server runs :mod:`benchmarks.apps` with 2 worker processes "
              "(Waitress: 1 process, 4 threads; it has no worker processes) and writes no "
-             "access log.", "",
+             "access log (but in the defaults shape below).", "",
              "Command::", "", f"    {data['command']}", "",
              f"Load: wrk {env['versions']['wrk']}, {data['wrk_threads']} thread(s), "
              f"{CONNECTIONS} connections, {data['duration']:g} s per run after a "
@@ -1304,17 +1772,19 @@ def write_document(data: dict, doc: Path) -> None:
              "tables (the wrk column).",
              "- " + _contention(data),
              "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", "",
-             "Targets (issue 6)", "-----------------", "",
-             "Measured on ``circus-wsgi serve`` with its defaults (dispatcher, threads 1, "
-             "2 workers) against the same run's peers.", ""]
-    rows = [[t.text, _fmt(t.value, 2 if t.unit == "x" else 1, " " + t.unit), t.state]
-            for t in checks]
-    lines += _rst_table(["target", "measured", "state"], rows) + [""]
+             "Targets (issues 6 and 20)", "-------------------------", "",
+             "Measured on ``circus-wsgi serve`` with the benchmark's options (dispatcher, "
+             "threads 1, 2 workers, no access log; the defaults target: with its defaults) "
+             "against the same run's peers. *issue*: the issue that set the target.", ""]
+    rows = [[t.text, str(t.issue), _measured(t), t.state] for t in checks]
+    lines += _rst_table(["target", "issue", "measured", "state"], rows) + [""]
+    lines += [f"Retired: {t.text}, {t.retired}." for t in checks if t.retired]
+    lines += [""] if any(t.retired for t in checks) else []
     if missed:
-        lines += [f"**{len(held)} of {len(checks)} targets hold; these do not:** "
+        lines += [f"**{len(held)} of {len(counted)} targets hold; these do not:** "
                   + "; ".join(t.text for t in missed) + ".", ""]
-    elif len(held) == len(checks):
-        lines += [f"All {len(checks)} targets hold.", ""]
+    elif len(held) == len(counted):
+        lines += [f"All {len(counted)} targets hold.", ""]
     else:
         lines += [f"{len(held)} targets hold; the others were not measured in this run.", ""]
     if data.get("incidents"):
@@ -1336,12 +1806,19 @@ def write_document(data: dict, doc: Path) -> None:
     for scenario in scenarios:
         lines += [scenario.title, "~" * len(scenario.title), ""]
         lines += scenario_table(table, scenario, servers) + [""]
+    shapes = [*defaults_section(table, every_server, checks, _beside(png, "defaults")),
+              *connections_section(table, servers, checks, _beside(png, "connections"), data),
+              *slowclients_section(table, servers, checks, _beside(png, "slowclients"), data),
+              *slowmix_half_section(table, servers, checks, _beside(png, "slowmix-half"),
+                                    data)]
+    if shapes:
+        lines += ["Load shapes (issue 20)", "----------------------", "", *shapes]
     lines += ["Where the time goes", "-------------------", ""]
     lines += _profile_section(data.get("profile"))
     if FINDINGS.exists():
         lines += FINDINGS.read_text().rstrip("\n").splitlines() + [""]
     lines += ["Server command lines", "--------------------", ""]
-    for server in servers:
+    for server in every_server:
         if server.note:
             lines += [f"- {server.title}: {server.note}"]
             continue
@@ -1369,6 +1846,24 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def with_baselines(scenarios: list[Scenario]) -> list[Scenario]:
+    """The scenarios, each baseline that one needs added, baselines first."""
+    names = {s.name for s in scenarios} | {s.baseline for s in scenarios if s.baseline}
+    return [s for s in SCENARIOS if s.name in names and not s.baseline] + \
+        [s for s in SCENARIOS if s.name in names and s.baseline]
+
+
+def raise_open_files() -> dict[str, int]:
+    """Raise this process's open-file limit (which the servers and clients inherit) as far
+    as the machine allows: the soft limit to the hard one. Return both, before and after."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft_before": soft, "hard": hard, "soft": raised}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -1386,8 +1881,10 @@ def main(argv: list[str] | None = None) -> int:
                         "machine's other work to drop under a quarter of a core "
                         "(default 10; quick 3; 0 to never wait)")
     parser.add_argument("--servers", help="comma-separated subset of: "
-                        + ", ".join(s.name for s in SERVERS) + "; or variants for trying "
-                        "mongrel2 settings: " + ", ".join(s.name for s in EXTRA_SERVERS))
+                        + ", ".join(s.name for s in SERVERS + VARIANTS) + " (the last "
+                        f"{len(VARIANTS)}: the defaults shape, not in --quick); or variants "
+                        "for trying mongrel2 settings: "
+                        + ", ".join(s.name for s in EXTRA_SERVERS))
     parser.add_argument("--mongrel2-setting", action="append", default=[], type=_key_value,
                         metavar="KEY=VALUE", help="a mongrel2 setting for the *-config "
                         "variants, e.g. disable.access_logging=1 (repeatable)")
@@ -1432,10 +1929,11 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 10.0)
     servers = [SERVERS_BY_NAME[n] for n in args.servers.split(",")] if args.servers \
-        else list(SERVERS)
+        else list(SERVERS) + ([] if args.quick else list(VARIANTS))
     names = args.scenarios.split(",") if args.scenarios else \
         (QUICK_SCENARIOS if args.quick else [s.name for s in SCENARIOS])
-    scenarios = [SCENARIOS_BY_NAME[n] for n in names]
+    scenarios = with_baselines([SCENARIOS_BY_NAME[n] for n in names])
+    open_files = raise_open_files()
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = RESULTS / (stamp + ("-quick" if args.quick else ""))
@@ -1449,6 +1947,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration": duration, "slow_duration": args.slow_duration, "warmup": warmup,
             "wrk_threads": args.wrk_threads, "quiet_wait": quiet_wait,
             "mongrel2_settings": MONGREL2_SETTINGS, "serve_args": SERVE_ARGS,
+            "open_files": open_files,
             "servers": [s.name for s in servers],
             "scenarios": [s.name for s in scenarios], "results": [], "incidents": [],
             "profile": None}
