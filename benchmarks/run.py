@@ -99,6 +99,12 @@ class Scenario:
 
 #: The slow mix's fixed rate: the slow requests keep one of two workers asleep on average.
 SLOWMIX_RATE = 80.0
+#: The slow mix a server answers at most per second and thread: one request in
+#: SLOW_EVERY holds a thread for SLOW_SECONDS.
+SLOW_EVERY, SLOW_SECONDS = 100, 1.0
+#: Granian's WSGI threads with 2 workers and its defaults: 256 blocking threads a worker
+#: (half its backpressure, backlog 1024 / 2 workers).
+GRANIAN_CONCURRENCY = 512
 #: The slow-clients load: slowloris clients and slow readers (benchmarks/slowclients.py),
 #: started this long before the fast load, so they are all there when it starts.
 SLOWLORIS_CLIENTS, SLOW_READERS, SLOW_READ_RATE = 200, 50, 100 * 1024
@@ -117,7 +123,7 @@ SCENARIOS = (
     Scenario("hello-5k", "hello, 5,000 keep-alive connections", connections=5000),
     Scenario("slowclients", f"hello beside {SLOWLORIS_CLIENTS} slowloris clients and "
              f"{SLOW_READERS} slow readers", client="slowclients", baseline="hello"),
-    Scenario("slowmix-half", "1 % of requests sleep 1 s, at half the server's hello rate",
+    Scenario("slowmix-half", "1 % of requests sleep 1 s, at half the server's capacity",
              client="slowmix", baseline="hello", rate_share=0.5),
 )
 QUICK_SCENARIOS = ("hello", "hello-close")
@@ -139,6 +145,7 @@ class Launch:
     cwd: Path = ROOT
     cleanup: Callable[[], None] | None = None
     namespace: str = ""  # the network namespace its port is in: clients run there
+    package_dir: str = ""  # where its circus_wsgi comes from, before --package-dir's
     ready: Callable[[], bool] | None = None  # more to wait for than a 200 (and workers)
 
 
@@ -153,6 +160,8 @@ class Server:
     stop_signals: tuple[int, ...] = (signal.SIGTERM,)
     python_side: tuple[str, ...] = ("workers",)  # roles whose CPU is the Python side
     note: str = ""  # how it runs, for the document, when its argv would not say it
+    #: Requests it runs at once (processes x threads): what bounds its rate of the slow mix.
+    concurrency: int = 2
     #: For the defaults shape: the server this one is a variant of, and which
     #: ("defaults": as its README starts it; "accesslog": that with its access log on).
     variant_of: str = ""
@@ -189,15 +198,45 @@ def circus_defaults(port: int) -> Launch:
                    *SERVE_ARGS])
 
 
-def circus_wsgi(threads: int, direct: bool = False) -> Callable[[int], Launch]:
+def circus_wsgi(threads: int, direct: bool = False, compiled: bool = False
+                ) -> Callable[[int], Launch]:
+    """circus-wsgi serve, 2 workers, access log off; ``compiled``: the package as a wheel
+    built here installs it, its hot modules compiled by mypyc."""
     def launch(port: int) -> Launch:
         argv = [str(BIN / "circus-wsgi"), "serve", APP, "--bind", f"{HOST}:{port}",
                 "--workers", "2", "--threads", str(threads), "--chdir", str(ROOT),
                 "--access-log="]  # the others write no access log by default either
         if direct:
             argv += ["--mode", "direct", "--flow-control", "false"]
-        return Launch(argv + SERVE_ARGS)
+        return Launch(argv + SERVE_ARGS, package_dir=compiled_package() if compiled else "")
     return launch
+
+
+_COMPILED: list[str] = []  # the directory compiled_package built, once a run
+COMPILED = "circus-t1-compiled"  # the server run from it
+
+
+def compiled_package() -> str:
+    """A directory with circus_wsgi as its wheel has it (``pip wheel``: the hot modules
+    compiled by mypyc), built on first use and removed when this process exits."""
+    if not _COMPILED:
+        import atexit
+        import zipfile
+
+        directory = tempfile.mkdtemp(prefix="cw-compiled-", dir="/tmp")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", directory, str(ROOT)], check=True,
+                       capture_output=True, timeout=600, env={**os.environ,
+                                                               "CIRCUS_WSGI_COMPILE": "1"})
+        [wheel] = Path(directory).glob("circus_wsgi-*.whl")
+        if wheel.name.endswith("-none-any.whl"):
+            raise RuntimeError(f"{wheel.name}: the wheel was built without its compiled "
+                               "modules (no C compiler?)")
+        with zipfile.ZipFile(wheel) as unpacked:
+            unpacked.extractall(directory)
+        _COMPILED.append(directory)
+    return _COMPILED[0]
 
 
 def two_hosts(port: int) -> Launch:
@@ -292,17 +331,18 @@ def circus_config(direct: bool = False) -> Callable[[int], Launch]:
     return launch
 
 
-def _server_env() -> dict[str, str]:
-    """The servers' environment: PYTHONPATH is --package-dir first, then the checkout
-    (for the apps).
+def _server_env(package_dir: str = "") -> dict[str, str]:
+    """The servers' environment: PYTHONPATH is ``package_dir`` (a server's own), then
+    --package-dir, then the checkout (for the apps).
 
-    With --package-dir, PYTHONSAFEPATH too: ``python -m`` (circusd, the dispatcher, the
+    With either, PYTHONSAFEPATH too: ``python -m`` (circusd, the dispatcher, the
     workers) would otherwise put its working directory, the checkout, first on
     sys.path. The apps are still found: on PYTHONPATH, and in the chdir that
     circus-wsgi's workers and Gunicorn put on sys.path themselves.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*PACKAGE_PATH, str(ROOT)])}
-    if PACKAGE_PATH:
+    first = [package_dir] if package_dir else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*first, *PACKAGE_PATH, str(ROOT)])}
+    if first or PACKAGE_PATH:
         env["PYTHONSAFEPATH"] = "1"
     return env
 
@@ -343,10 +383,15 @@ SERVERS = (
     Server("circus-t1", "circus-wsgi, threads 1", circus_wsgi(1), _circus_group,
            python_side=("dispatcher", "workers")),
     Server("gunicorn-sync", "Gunicorn sync", gunicorn("sync"), _master_and_workers),
+    Server(COMPILED, "circus-wsgi, threads 1, compiled", circus_wsgi(1, compiled=True),
+           _circus_group, scenarios=("hello", "hello-close", "json", "big", "upload"),
+           python_side=("dispatcher", "workers"),
+           note="circus-wsgi as its wheel installs it where a C compiler is there: ``pip "
+           "wheel .`` built here, its hot modules compiled by mypyc (circus_wsgi.compiled)."),
     Server("circus-t4", "circus-wsgi, threads 4", circus_wsgi(4), _circus_group,
-           python_side=("dispatcher", "workers")),
+           python_side=("dispatcher", "workers"), concurrency=8),
     Server("gunicorn-gthread", "Gunicorn gthread 2x4", gunicorn("gthread"),
-           _master_and_workers),
+           _master_and_workers, concurrency=8),
     Server("circus-direct", "circus-wsgi direct (no dispatcher)", circus_wsgi(1, direct=True),
            _circus_group, python_side=("dispatcher", "workers")),
     Server("circus-remote", "circus-wsgi, 1 local + 1 remote worker", two_hosts, _circus_group,
@@ -355,8 +400,9 @@ SERVERS = (
            "dispatcher, one worker) in one network namespace, a worker host (``--role "
            "workers``, one worker) in another, joined by a veth pair, CURVE on; the load "
            "generator runs in the front's namespace."),
-    Server("granian", "Granian WSGI", granian(), _master_and_workers),
-    Server("waitress", "Waitress 1x4 threads", waitress, _single("workers")),
+    Server("granian", "Granian WSGI", granian(), _master_and_workers,
+           concurrency=GRANIAN_CONCURRENCY),
+    Server("waitress", "Waitress 1x4 threads", waitress, _single("workers"), concurrency=4),
     Server("m2-null-dispatcher", "dispatcher + null workers (ceiling)",
            nullhandler("--dispatcher"), _circus_group, scenarios=CEILING_SCENARIOS,
            python_side=("dispatcher", "workers"),
@@ -413,6 +459,8 @@ EXTRA_SERVERS = (
            circus_config(direct=True), _circus_group, python_side=("dispatcher", "workers"),
            note=CONFIG_NOTE % "--mode direct --flow-control false "),
 )
+#: Servers --quick leaves out: building the compiled wheel takes a minute.
+NOT_QUICK = (COMPILED,)
 REFERENCE = "gunicorn-sync"
 ROLES = ("mongrel2", "dispatcher", "workers", "manager", "loadgen", "other")
 
@@ -469,7 +517,7 @@ class Running:
         self.log_path = logs / f"{server.name}-{self.port}.log"
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            self.launch.argv, cwd=self.launch.cwd, env=_server_env(),
+            self.launch.argv, cwd=self.launch.cwd, env=_server_env(self.launch.package_dir),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent)
         self.root = psutil.Process(self.process.pid)
@@ -715,6 +763,12 @@ def _origin(url: str) -> str:
     return "/".join(url.split("/", 3)[:3])
 
 
+def mix_capacity(server: Server, hello_rps: float) -> float:
+    """The slow mix's rate ``server`` can answer: its hello rate, or what its threads
+    allow when one request in SLOW_EVERY holds one of them for SLOW_SECONDS."""
+    return min(hello_rps, server.concurrency * SLOW_EVERY / SLOW_SECONDS)
+
+
 def slowmix_argv(url: str, duration: float, rate: float) -> list[str]:
     """The slow mix at ``rate``; above the fixed rate, with connections enough for the slow
     requests (about ``rate`` / 100 of them in flight, twice that) besides the usual 50."""
@@ -757,7 +811,7 @@ def measure(instance: Running, scenario: Scenario, duration: float, wrk_threads:
     if scenario.rate_share:
         if baseline is None:
             raise RuntimeError(f"{scenario.name} needs {scenario.baseline} first")
-        rate = scenario.rate_share * baseline["rps"]
+        rate = scenario.rate_share * mix_capacity(instance.server, baseline["rps"])
     if scenario.client == "slowmix":
         argv = slowmix_argv(url, duration, rate)
     else:
@@ -1212,6 +1266,14 @@ def targets(table: dict, server: str = "circus-t1") -> list[Target]:
                _ratio(table, server, "m2-null", "hello"), 0.6, "x", issue=20),
         Target("Python side (dispatcher + workers) <= 30 us CPU per hello request",
                python_us(table, server), 30.0, "us", at_least=False, issue=20),
+        Target("compiled: hello keep-alive >= 3x Gunicorn sync",
+               _ratio(table, COMPILED, "gunicorn-sync", "hello"), 3.0, "x", issue=20),
+        Target("compiled: hello keep-alive >= 0.6x the mongrel2 + null handlers ceiling",
+               _ratio(table, COMPILED, "m2-null", "hello"), 0.6, "x", issue=20),
+        Target("compiled: Python side <= 30 us CPU per hello request",
+               python_us(table, COMPILED), 30.0, "us", at_least=False, issue=20),
+        Target("compiled: 1 MB uploads: req/s >= Gunicorn sync",
+               _ratio(table, COMPILED, "gunicorn-sync", "upload"), 1.0, "x", issue=20),
         Target("defaults: the default access log costs <= 10 % of the log-off hello rate",
                _log_cost(table, server), 10.0, "%", at_least=False, issue=20, shape="defaults"),
         Target("1,000 connections: req/s (2xx) >= 3x Gunicorn sync",
@@ -1616,13 +1678,16 @@ def slowmix_half_section(table: dict, servers: list[Server], checks: list[Target
         bars.append((server.title, cell["p99_ms"], server.name))
     text = (f"benchmarks/slowmix.py (as in the slow mix above: open loop, 1 request in 100 "
             f"sleeps 1 s, latency from each request's due time) for {data['slow_duration']:g} "
-            f"s at {100 * scenario.rate_share:.0f} % of each server's own hello rate in the "
-            f"same server start (*asked*), over {CONNECTIONS} connections plus two for each "
-            "slow request in flight; *done* is what was answered per second. A slow request "
-            "holds a worker thread for 1 s, so at R req/s the mix keeps R/100 threads asleep: "
-            "a server with T threads in all answers at most about 100 x T req/s of it, "
-            "whatever its hello rate; where *done* falls short of *asked*, requests waited "
-            "(for a connection, or in the server) and the latencies include that wait. The "
+            f"s at {100 * scenario.rate_share:.0f} % of each server's capacity for this mix "
+            "(*asked*), over "
+            f"{CONNECTIONS} connections plus two for each slow request in flight; *done* is "
+            "what was answered per second. A slow request holds a worker thread for 1 s, so "
+            "at R req/s the mix keeps R/100 threads asleep: a server that runs T requests at "
+            "once (processes x threads: 2 for circus-wsgi and Gunicorn sync, "
+            f"{GRANIAN_CONCURRENCY} for Granian's defaults) answers at most 100 x T req/s of "
+            "it, and no more than its hello rate in the same server start; its capacity is "
+            "the lower of the two. Where *done* falls short of *asked*, requests waited (for "
+            "a connection, or in the server) and the latencies include that wait. The "
             "client is Python: at the highest rates it may itself fall behind (its CPU is "
             "the wrk column of the tables above).")
     return _section("The slow mix at real load", text, header, rows,
@@ -1929,7 +1994,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (3.0 if args.quick else 10.0)
     servers = [SERVERS_BY_NAME[n] for n in args.servers.split(",")] if args.servers \
-        else list(SERVERS) + ([] if args.quick else list(VARIANTS))
+        else [s for s in SERVERS if not (args.quick and s.name in NOT_QUICK)] + \
+        ([] if args.quick else list(VARIANTS))
     names = args.scenarios.split(",") if args.scenarios else \
         (QUICK_SCENARIOS if args.quick else [s.name for s in SCENARIOS])
     scenarios = with_baselines([SCENARIOS_BY_NAME[n] for n in names])

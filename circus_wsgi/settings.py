@@ -510,8 +510,10 @@ SETTINGS: tuple[Setting, ...] = (
     # -- dispatcher
     _S("queue_timeout", "dispatcher", 5.0, _seconds(0.1),
        "A request that no worker takes within this time gets 503 with Retry-After.", "S"),
-    _S("max_queue", "dispatcher", 1024, _integer(1),
-       "Requests the dispatcher holds waiting for a worker; past it, 503 at once.", "N"),
+    _S("max_queue", "dispatcher", 10000, _integer(1),
+       "Requests the dispatcher holds waiting for a worker; past it, 503 at once. The "
+       "default holds a request from each of 10,000 keep-alive clients (queue_timeout "
+       "bounds how long each waits).", "N"),
     # -- limits
     _S("max_body_size", "limits", 100 * 1024 * 1024, _integer(0),
        "A request body larger than this gets 413 before it reaches the app (0: no limit).",
