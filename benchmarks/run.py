@@ -226,7 +226,7 @@ def compiled_package() -> str:
         directory = tempfile.mkdtemp(prefix="cw-compiled-", dir="/tmp")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", directory, str(ROOT)], check=True,
+                        "-w", directory, str(ROOT)], check=True,
                        capture_output=True, timeout=600, env={**os.environ,
                                                                "CIRCUS_WSGI_COMPILE": "1"})
         [wheel] = Path(directory).glob("circus_wsgi-*.whl")
