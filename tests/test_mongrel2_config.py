@@ -128,6 +128,7 @@ def test_database_says_what_the_settings_say(generated: tuple[Settings, Path, Pa
         ("/static/", 0, "localhost", static, "index.html", "application/octet-stream", 0)]
     assert dict(said["setting"]) == {
         "server.daemonize": "0", "disable.access_logging": "1",
+        "superpoll.max_fd": "20480", "superpoll.hot_dividend": "2",
         "limits.content_length": "4096",
         "limits.buffer_size": "16384", "limits.min_ping": "120",
         "download.flow_control": "1", "upload.temp_store": str(run.uploads / "upload.XXXXXX"),
