@@ -30,6 +30,25 @@ from circus_wsgi.status import read_status
 from harness import TESTS_DIR, free_port, port_open, python_env, stop_circusd, wait_for
 
 
+def circus_call(endpoint: str, command: str, timeout: float = 30.0, **properties) -> dict:
+    """A circusctl command to the circusd at ``endpoint``, through circus's own client.
+
+    circusd refuses a command while it runs another one (its own periodic
+    check included): such a refusal is retried for a few seconds.
+    """
+    client = CircusClient(endpoint=endpoint, timeout=timeout)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            answer = client.call({"command": command, "properties": properties})
+            if "already running" not in answer.get("reason", "") or \
+                    time.monotonic() > deadline:
+                return answer
+            time.sleep(0.05)
+    finally:
+        client.stop()
+
+
 class CircusStack:
     """mongrel2, the dispatcher and the workers under circusd, from one Settings."""
 
@@ -81,22 +100,9 @@ class CircusStack:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def call(self, command: str, timeout: float = 30.0, **properties) -> dict:
-        """A circusctl command, through circus's own client.
-
-        circusd refuses a command while it runs another one (its own periodic
-        check included): such a refusal is retried for a few seconds.
-        """
-        client = CircusClient(endpoint=f"ipc://{self.path}/run/circus.sock", timeout=timeout)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                answer = client.call({"command": command, "properties": properties})
-                if "already running" not in answer.get("reason", "") or \
-                        time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-        finally:
-            client.stop()
+        """A circusctl command (:func:`circus_call`); an error answer fails the test."""
+        answer = circus_call(f"ipc://{self.path}/run/circus.sock", command, timeout,
+                             **properties)
         assert answer.get("status") != "error", answer
         return answer
 

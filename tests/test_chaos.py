@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from circus.client import CircusClient
-
 from chaos_app import big_body
+from circus_stack import circus_call
 from circus_wsgi import recovery
 from circus_wsgi.settings import Settings
 from circus_wsgi.status import read_status
@@ -135,17 +134,7 @@ class Circus:
         self.endpoint = endpoint
 
     def call(self, command: str, **properties) -> dict:
-        client = CircusClient(endpoint=self.endpoint, timeout=30)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                answer = client.call({"command": command, "properties": properties})
-                if "already running" not in answer.get("reason", "") or \
-                        time.monotonic() > deadline:
-                    return answer
-                time.sleep(0.05)
-        finally:
-            client.stop()
+        return circus_call(self.endpoint, command, **properties)
 
     def pids(self, watcher: str) -> set[int]:
         return set(self.call("list", name=watcher).get("pids", ()))
