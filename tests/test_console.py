@@ -24,6 +24,7 @@ import pytest
 
 from browser import chromium
 from circus_stack import CircusStack
+from circus_wsgi.console import LOOK_EVERY
 from harness import Process, free_port, python_env, wait_for
 from test_chaos import NO_FLAPPING
 from test_serve import CIRCUS_WSGI, Serve, scratch, serving, start_serve
@@ -284,10 +285,18 @@ def test_reload_and_restart_mongrel2_leave_the_console_up(served, browser) -> No
 
 
 def test_set_count(served, browser) -> None:
+    from selenium.webdriver.common.keys import Keys
+
     count = browser.find_element("id", "worker-count")
-    count.clear()
+    # As a user does: select what the field holds and type over it. (clear() would leave
+    # the field, and a status arriving before the typing puts circus's count back: "23".)
+    count.send_keys(Keys.CONTROL, "a")
     count.send_keys("3")
+    browser.execute_script("document.activeElement.blur()")  # the operator looks elsewhere
+    time.sleep(2.5 * LOOK_EVERY)  # two looks at the stack reach the page meanwhile
+    assert count.get_attribute("value") == "3"  # what was typed stays until it is sent
     button(browser, "Set count").click()
+    wait_for(lambda: "Set count to 3: " in outcome(browser), 15, 0.05, "the page to send 3")
     wait_for(lambda: len(workers(served)) == 3, 15, 0.05, "three workers")
     assert served.circusctl("numprocesses", "workers") == "3"
     shown_within(lambda: page_pids(browser) == workers(served), "the page to list them")

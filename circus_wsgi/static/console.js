@@ -97,9 +97,14 @@
     document.querySelectorAll("#steer button[data-action]").forEach((button) => {
       button.addEventListener("click", () => act(button.textContent, button.dataset.action));
     });
-    document.getElementById("set-count").addEventListener("click", () => {
-      const count = Number(document.getElementById("worker-count").value);
-      act("Set count to " + count, "/api/workers/count", {count: count});
+    // The field follows circus's count until the operator types in it, and again once
+    // the count typed has been sent.
+    const field = document.getElementById("worker-count");
+    field.addEventListener("input", () => { field.dataset.edited = "yes"; });
+    document.getElementById("set-count").addEventListener("click", async () => {
+      const count = Number(field.value);
+      await act("Set count to " + count, "/api/workers/count", {count: count});
+      delete field.dataset.edited;
     });
     document.querySelector("#workers tbody").addEventListener("click", (event) => {
       const button = event.target.closest("button[data-verb]");
@@ -185,7 +190,8 @@
     set("latency-now", last ? millis(last.p50) + " / " + millis(last.p99) : "–");
     const count = document.getElementById("worker-count");
     const wanted = status.watchers.find((w) => w.name === "workers");
-    if (document.activeElement !== count && wanted && wanted.wanted !== null) {
+    if (!count.dataset.edited && document.activeElement !== count && wanted &&
+        wanted.wanted !== null) {
       count.value = wanted.wanted;
     }
   }
