@@ -160,6 +160,6 @@ class WorkerMessages:
 #: With flow control, the bytes of a response a worker may send before it waits for
 #: credits, less what its connection still has unwritten (the REQUEST's budgets).
 BUDGET = 2 * 1024 * 1024
-#: The window assumed for a connection whose first request the dispatcher never saw
-#: (it was restarted since), or a request that came without a budget.
+#: The window a worker assumes for a request that came without a budget (from a
+#: dispatcher that keeps no windows) and does not announce one itself.
 UNKNOWN = WINDOW // 2

@@ -20,6 +20,13 @@ a client it cannot write to without a notice, so a connection that has had
 bytes held back and no credits for :data:`PROBE_AFTER` is asked about with a
 ``ctl`` keep-alive (:func:`protocol.keep_alive`), which mongrel2 answers with a
 disconnect notice if it is gone.
+
+A connection whose window was never announced here (its first request came
+before this dispatcher was restarted, or it was forgotten, :data:`MAX_TRACKED`)
+is taken to have all of it: a client that waits for a response has read the
+ones before it. (Assuming less would hold a response back for credits that
+never come: nothing of it is queued in mongrel2. If a pipelining client has not
+read them yet, mongrel2 closes it: it is told, not left waiting.)
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from .dispatch_protocol import BUDGET, UNKNOWN
+from .dispatch_protocol import BUDGET
 from .protocol import WINDOW, Buffer, addressed, close, keep_alive, sender_of
 
 #: Bytes held back for all connections together before budgets shrink to the window.
@@ -58,7 +65,7 @@ class Windows:
     def budget(self, conn: bytes) -> int:
         """Bytes a response on ``conn`` may send now."""
         spare = BUDGET - WINDOW if self.held_total < HELD_MAX else 0
-        return max(0, self.left.get(conn, UNKNOWN) + spare - self.held_bytes.get(conn, 0))
+        return max(0, self.left.get(conn, WINDOW) + spare - self.held_bytes.get(conn, 0))
 
     def forward(self, messages: list[Buffer]) -> None:
         """Send response messages in order, holding back those that would pass a window."""
@@ -68,7 +75,7 @@ class Windows:
                 self.send(message)
                 continue
             conn = conns[0]
-            if conn in self.held or 0 < size and size > self.left.get(conn, UNKNOWN) \
+            if conn in self.held or 0 < size and size > self.left.get(conn, WINDOW) \
                     and size <= WINDOW:
                 self._hold(conn, message, size)
             else:
@@ -121,7 +128,7 @@ class Windows:
     def _send(self, conn: bytes, message: Buffer, size: int) -> None:
         self.send(message)
         if size > 0:
-            self.left[conn] = self.left.get(conn, UNKNOWN) - size
+            self.left[conn] = self.left.get(conn, WINDOW) - size
         elif size == 0:  # a close: the connection is done
             self.forget(conn)
 

@@ -169,13 +169,16 @@ def test_workers_that_crash_at_start_are_stopped_by_flapping():
 
 
 def test_after_a_kill_9_of_the_dispatcher_workers_responses_still_reach_their_clients(stack):
+    """A small response and one of 80 KB: more than the window the new dispatcher
+    assumes for a connection it never saw a request of."""
     wait_for(lambda: stack_status(stack)["idle_workers"] == 2, 10)
-    replies = [in_background(get, stack.port, "/slow?s=1.5") for _ in range(2)]
+    replies = [in_background(get, stack.port, f"/slow?s=1.5&pad={pad}") for pad in (0, 80000)]
     wait_for(lambda: stack_status(stack)["in_flight"] == 2, 5)
     [dispatcher] = stack.pids("dispatcher")
     os.kill(dispatcher, signal.SIGKILL)
-    wait_for(lambda: all(replies), 10)
+    wait_for(lambda: all(replies), 10, what="both responses")
     assert [reply[0][0] for reply in replies] == [200, 200]  # held by workers: not lost
+    assert len(json.loads(replies[1][0][1])["pad"]) == 80000
     wait_for(lambda: stack.pids("dispatcher") not in ([], [dispatcher]), 10)
     wait_for(lambda: get(stack.port, "/hello")[0] == 200, 10)
 

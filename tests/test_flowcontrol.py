@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from circus_wsgi import flowcontrol
-from circus_wsgi.flowcontrol import BUDGET, UNKNOWN, Windows
+from circus_wsgi.flowcontrol import BUDGET, Windows
 from circus_wsgi.protocol import WINDOW, close, keep_alive, response
 
 SENDER = b"sender"
@@ -33,6 +33,17 @@ def test_what_fits_the_window_goes_and_the_rest_waits_for_credits_in_order(windo
     windows.credited(b"1", 30000)
     assert sent == messages, "the third and then the close, in order"
     assert b"1" not in windows.left and windows.held_total == 0, "closed: forgotten"
+
+
+def test_a_connection_never_announced_here_has_its_whole_window(windows):
+    """Its first request came to the dispatcher before a restart: nothing of its
+    response is queued in mongrel2, so nothing would credit a response held back."""
+    windows, sent = windows
+    first, second = piece(b"7", 90000, b"a"), piece(b"7", 90000, b"b")
+    windows.forward([first, second])
+    assert sent == [first], "what fits a whole window goes"
+    windows.credited(b"7", 90000)
+    assert sent == [first, second], "the rest once credited, as on a connection seen"
 
 
 def test_a_message_read_as_a_view_is_sent_as_is_but_held_as_its_own_bytes(windows):
@@ -80,7 +91,7 @@ def test_control_messages_write_nothing_and_keep_their_place(windows):
 
 def test_budget_is_the_window_left_plus_the_spare_less_what_is_held(windows):
     windows, _ = windows
-    assert windows.budget(b"9") == UNKNOWN + BUDGET - WINDOW  # never seen: assumed
+    assert windows.budget(b"9") == BUDGET  # never seen: its whole window
     windows.opened(b"1", WINDOW)
     assert windows.budget(b"1") == BUDGET
     windows.forward([piece(b"1", 60000)])

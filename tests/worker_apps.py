@@ -176,9 +176,11 @@ def connection_close(environ, start_response):
 
 
 def slow(environ, start_response):
-    time.sleep(float(_query(environ).get("s", 0.5)))
+    """``?s=SECONDS`` asleep, then its thread and pid (``&pad=N``: and N more bytes)."""
+    query = _query(environ)
+    time.sleep(float(query.get("s", 0.5)))
     return _json(start_response, {"thread": threading.current_thread().name,
-                                  "pid": os.getpid()})
+                                  "pid": os.getpid(), "pad": "." * int(query.get("pad", 0))})
 
 
 def pid(environ, start_response):
