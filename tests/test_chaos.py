@@ -5,6 +5,9 @@ lost, hung or misdelivered request is seen. A request may fail only if a process
 that held it was killed: one in flight at a SIGKILL of a worker, the dispatcher or
 mongrel2, or sent while a killed dispatcher or mongrel2 was being replaced.
 Graceful steering (SIGTERM of a worker, decr, incr, reload) may cost nothing.
+
+CHAOS_SEED=N repeats a run's schedule; CHAOS_OUTPUT=FILE keeps its report and serve's
+output (every process's log) in FILE, to look into a failure.
 """
 
 from __future__ import annotations
@@ -227,6 +230,8 @@ def test_chaos_under_load_loses_only_what_killed_processes_held(capsys) -> None:
         report, unexplained = judge(seed, log, events, status)
         with capsys.disabled():
             print("\n" + report)
+        if os.environ.get("CHAOS_OUTPUT"):
+            Path(os.environ["CHAOS_OUTPUT"]).write_text(report + "\n\n" + served.output())
         assert not unexplained, report
         for event in events:
             assert event.serving - max(event.at, event.restarted) <= 3.0, report
