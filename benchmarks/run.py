@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -384,7 +385,8 @@ SERVERS = (
            python_side=("dispatcher", "workers")),
     Server("gunicorn-sync", "Gunicorn sync", gunicorn("sync"), _master_and_workers),
     Server(COMPILED, "circus-wsgi, threads 1, compiled", circus_wsgi(1, compiled=True),
-           _circus_group, scenarios=("hello", "hello-close", "json", "big", "upload"),
+           _circus_group, scenarios=("hello", "hello-close", "json", "big", "upload",
+                                     "hello-1k", "slowclients"),
            python_side=("dispatcher", "workers"),
            note="circus-wsgi as its wheel installs it where a C compiler is there: ``pip "
            "wheel .`` built here, its hot modules compiled by mypyc (circus_wsgi.compiled)."),
@@ -1279,6 +1281,9 @@ def targets(table: dict, server: str = "circus-t1") -> list[Target]:
         Target("1,000 connections: req/s (2xx) >= 3x Gunicorn sync",
                _more_ratio(table, server, "gunicorn-sync", "hello-1k", "ok_rps"), 3.0, "x",
                issue=20, shape="connections"),
+        Target("compiled: 1,000 connections: req/s (2xx) >= 3x Gunicorn sync",
+               _more_ratio(table, COMPILED, "gunicorn-sync", "hello-1k", "ok_rps"), 3.0, "x",
+               issue=20, shape="connections"),
         Target("slow clients: the fast load keeps >= 90 % of its req/s",
                _more(table, server, "slowclients", "kept_pct"), 90.0, "%", issue=20,
                shape="slowclients"),
@@ -1500,7 +1505,11 @@ def _cell(table: dict, server: str, scenario: str) -> dict | None:
 
 
 def _measured(target: Target) -> str:
-    return _fmt(target.value, 2 if target.unit == "x" else 1, " " + target.unit)
+    """A target's measure: ratios to two decimals, or two significant digits below 0.01."""
+    digits = 2 if target.unit == "x" else 1
+    if target.unit == "x" and target.value is not None and 0 < target.value < 0.01:
+        digits = 1 - math.floor(math.log10(target.value))
+    return _fmt(target.value, digits, " " + target.unit)
 
 
 def _target_lines(checks: list[Target], shape: str) -> list[str]:
