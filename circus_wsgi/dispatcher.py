@@ -207,7 +207,7 @@ class Dispatcher:
         """Deadlines, workers whose exit is settled, flow control's probes, and a
         connection to mongrel2 if it is not there."""
         for identity in self.broker.tick(now):
-            self._worker_gone(identity, "worker exited")
+            self._settle_exited(identity)
         if self.recover_at is not None and now >= self.recover_at:
             self._recover(now)
         if self.remote is not None:
@@ -559,6 +559,22 @@ class Dispatcher:
         retired, self.retired = self.retired, []
         for release in retired:
             release()
+
+    def _settle_exited(self, identity: bytes) -> None:
+        """The worker's process exited a while ago and its connection is still open (a
+        child it forked holds it): what the connection has now is read (at most what
+        its kernel buffers hold), then it is closed, so that nothing read later passes
+        for the worker's."""
+        link = self.links.get(identity)
+        for _ in range(2 * framing.SEND_BUFFER // framing.READ_SIZE):
+            if link is None or identity not in self.links or link.closed or \
+                    not select.select([link], [], [], 0)[0]:
+                break
+            self._on_link(identity, select.POLLIN)
+        if identity in self.links:
+            self._drop_link(identity, "worker exited")
+        elif identity in self.broker.workers:
+            self._worker_gone(identity, "worker exited")
 
     def _worker_gone(self, identity: bytes, reason: str, alive: bool = False) -> None:
         """The worker is gone: its board says which of the requests it held it had

@@ -3,7 +3,9 @@ so a response that reaches the wrong client is seen.
 
 ``/fast?t=T``: T. ``/slow?t=T&s=S``: T after S seconds (default 0.5). ``/big?t=T``:
 100 KiB made of T. ``/upload?t=T`` (POST): T and the SHA-256 of the body. ``/die``:
-the worker kills itself with SIGKILL, as a segfault or the OOM killer would.
+the worker kills itself with SIGKILL, as a segfault or the OOM killer would
+(``&fork=S``: after forking a child that holds its connections for S seconds, and
+writes its pid to ``&pidfile=P``).
 ``/hog?mb=N``: the worker keeps N MiB more, for good (a leak). ``/status?code=N``:
 an empty response with that status.
 """
@@ -43,6 +45,11 @@ def app(environ, start_response):
         start_response(f"{query.get('code', '200')} Status", [("Content-Length", "0")])
         return []
     elif path == "/die":
+        if query.get("fork") and os.fork() == 0:  # the child: every descriptor, held
+            with open(query["pidfile"], "w") as pidfile:
+                pidfile.write(str(os.getpid()))
+            time.sleep(float(query["fork"]))
+            os._exit(0)
         os.kill(os.getpid(), signal.SIGKILL)
         body = b""
     else:

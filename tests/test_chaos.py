@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import pytest
 from chaos_app import big_body
 from circus_stack import circus_call
@@ -370,3 +371,34 @@ def test_a_worker_that_kills_itself_costs_only_the_request_that_killed_it(loaded
     time.sleep(0.5)
     fast = list(log)
     assert len(fast) > 200 and [s for s in fast if not s.ok] == []
+
+
+def test_a_worker_whose_child_keeps_its_connection_open_costs_only_its_own_request(
+        loaded, tmp_path) -> None:
+    """A worker that forks and then dies: the child holds the worker's connection to the
+    dispatcher open for 3 s, yet the request gets its 502 at once (the exit is seen
+    from the process itself) and nothing else is lost."""
+    served, circus, log = loaded
+    children = []
+    for number in range(3):
+        pidfile = tmp_path / f"child-{number}"
+        before = circus.pids("workers")
+        status, seconds = one_request(served.port, f"/die?t={number}&fork=3&pidfile={pidfile}")
+        assert status == 502 and seconds < 2.0, (number, status, seconds)
+        children.append(int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 5,
+                                     0.02, "the child's pid")))
+        wait_for(lambda: len(now := circus.pids("workers")) == 3 and now != before, 10,
+                 0.02, "circus to replace the worker")
+    wait_for(lambda: not any(alive(child) for child in children), 10, 0.1,
+             "the children to exit")
+    time.sleep(0.5)
+    fast = list(log)
+    assert len(fast) > 50 and [s for s in fast if not s.ok] == []
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
