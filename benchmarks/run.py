@@ -1504,12 +1504,17 @@ def _cell(table: dict, server: str, scenario: str) -> dict | None:
     return table.get(server, {}).get(scenario)
 
 
+def _fmt_ratio(value: float | None, suffix: str = "") -> str:
+    """A ratio to two decimals, or to two significant digits below 0.01."""
+    digits = 1 - math.floor(math.log10(value)) if value is not None and 0 < value < 0.01 \
+        else 2
+    return _fmt(value, digits, suffix)
+
+
 def _measured(target: Target) -> str:
-    """A target's measure: ratios to two decimals, or two significant digits below 0.01."""
-    digits = 2 if target.unit == "x" else 1
-    if target.unit == "x" and target.value is not None and 0 < target.value < 0.01:
-        digits = 1 - math.floor(math.log10(target.value))
-    return _fmt(target.value, digits, " " + target.unit)
+    if target.unit == "x":
+        return _fmt_ratio(target.value, " x")
+    return _fmt(target.value, 1, " " + target.unit)
 
 
 def _target_lines(checks: list[Target], shape: str) -> list[str]:
@@ -1681,8 +1686,8 @@ def slowmix_half_section(table: dict, servers: list[Server], checks: list[Target
         more = cell["more"]
         rows.append([server.title, _fmt(more.get("base_rps")), _fmt(more.get("asked_rate")),
                      _fmt(cell["rps"]), _fmt(cell["p50_ms"], 2), _fmt(cell["p99_ms"], 2),
-                     _fmt(_ratio(table, server.name, REFERENCE, scenario.name, "p99_ms"), 2),
-                     _fmt(_ratio(table, server.name, "granian", scenario.name, "p99_ms"), 2),
+                     _fmt_ratio(_ratio(table, server.name, REFERENCE, scenario.name, "p99_ms")),
+                     _fmt_ratio(_ratio(table, server.name, "granian", scenario.name, "p99_ms")),
                      _fmt(more.get("slow_p99_ms"), 0), str(cell["errors"])])
         bars.append((server.title, cell["p99_ms"], server.name))
     text = (f"benchmarks/slowmix.py (as in the slow mix above: open loop, 1 request in 100 "
