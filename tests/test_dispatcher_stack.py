@@ -169,8 +169,8 @@ def test_workers_that_crash_at_start_are_stopped_by_flapping():
 
 
 def test_after_a_kill_9_of_the_dispatcher_workers_responses_still_reach_their_clients(stack):
-    """A small response and one of 80 KB: more than the window the new dispatcher
-    assumes for a connection it never saw a request of."""
+    """A small response, and one of 80 KB (over half of mongrel2's window), for
+    connections whose window the next dispatcher never saw announced."""
     wait_for(lambda: stack_status(stack)["idle_workers"] == 2, 10)
     replies = [in_background(get, stack.port, f"/slow?s=1.5&pad={pad}") for pad in (0, 80000)]
     wait_for(lambda: stack_status(stack)["in_flight"] == 2, 5)
