@@ -144,7 +144,7 @@ class Request:
 class Worker:
     """What the broker knows of one connected worker process."""
 
-    __slots__ = ("id", "pid", "host", "threads", "free", "held", "handed", "began",
+    __slots__ = ("id", "pid", "host", "threads", "free", "held", "handed", "began", "begun",
                  "round_trip", "returned", "progress", "leaving", "doomed", "exited",
                  "dispatched", "completed", "failed")
 
@@ -156,6 +156,7 @@ class Worker:
         self.held: dict[bytes, Request] = {}  # conn -> request, in hand-out order
         self.handed = received  # the number of the last request handed to it
         self.began = received  # remote: the number of the last it was told to begin
+        self.begun: dict[int, float] = {}  # remote: number -> when it was told to begin it
         self.round_trip = 0.0  # remote: seconds of a message there and back
         self.returned = False  # gave requests back: no prefetch until it finishes one
         self.progress = 0.0  # when it last finished a request or, idle, was given one
@@ -383,10 +384,11 @@ class Broker:
                         [identity] * spare)
         return discard
 
-    def take(self, identity: bytes, indexes: Iterable[int]) -> list[int]:
+    def take(self, identity: bytes, indexes: Iterable[int], now: float) -> list[int]:
         """A remote worker asks to begin the requests numbered ``indexes``: those it
-        still holds unbegun may be (from now on they count as begun); the others ended
-        meanwhile (504, or its client left with a restarted mongrel2)."""
+        still holds unbegun may be (from now on they count as begun, and run: see
+        :meth:`running`); the others ended meanwhile (504, or its client left with a
+        restarted mongrel2)."""
         worker = self.workers.get(identity)
         if worker is None:
             return []
@@ -394,7 +396,19 @@ class Broker:
         granted = [i for i in indexes if i in held]
         if granted:
             worker.began = max(worker.began, *granted)
+            worker.begun = {index: since for index, since in worker.begun.items()
+                            if index in held}  # what ended since is forgotten
+            worker.begun.update(dict.fromkeys(granted, now))
         return granted
+
+    def running(self, identity: bytes) -> dict[int, float]:
+        """What a remote worker runs: the number of each request it was told to begin and
+        still holds, and when it was told."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return {}
+        held = {r.index for r in worker.held.values()}
+        return {index: since for index, since in worker.begun.items() if index in held}
 
     def round_trip(self, identity: bytes, seconds: float) -> None:
         """A remote worker's messages take ``seconds`` there and back (a recent measure)."""

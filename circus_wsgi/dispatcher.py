@@ -489,7 +489,8 @@ class Dispatcher:
                 log.info("worker %s leaving with %d requests", worker.key, len(worker.held))
             self._send_worker(identity, (dp.BYE,))
         elif command == dp.TAKE:
-            granted = self.broker.take(identity, [int(index) for index in frames[1:]])
+            granted = self.broker.take(identity, [int(index) for index in frames[1:]],
+                                       time.monotonic())
             self._send_worker(identity, (dp.GO, *[b"%d" % index for index in granted]))
         elif command == dp.HEARTBEAT:
             round_trip = remote_round_trip([_small(frame) for frame in frames])
@@ -731,7 +732,8 @@ class Dispatcher:
         return True
 
     def snapshot(self) -> dict:
-        """The broker's counters and state, and what each worker runs now (its board)."""
+        """The broker's counters and state, and what each worker runs now (its board; a
+        remote worker's: what it was told to begin)."""
         now = time.monotonic()
         snapshot = self.broker.snapshot(now)
         snapshot["malformed"] = self.malformed
@@ -739,11 +741,12 @@ class Dispatcher:
         snapshot["decisions"] = list(self.decisions)
         for identity, worker in self.broker.workers.items():
             board = self.boards.get(identity)
-            if board is None:
+            if board is None and not worker.host:
                 continue
             by_index = {request.index: request for request in worker.held.values()}
             running = []
-            for index, since in sorted(board.running().items()):
+            runs = board.running() if board is not None else self.broker.running(identity)
+            for index, since in sorted(runs.items()):
                 method, path = _request_line(by_index.get(index))
                 running.append({"method": method, "path": path,
                                 "seconds": round(max(0.0, now - since), 3)})

@@ -540,10 +540,13 @@ def test_a_remote_worker_begins_only_what_it_was_told_to_and_that_counts_as_begu
     for conn in (b"1", b"2", b"3"):
         arrive(broker, conn)
     assert handed(broker) == {b"r1": [b"1", b"2", b"3"]}  # numbered 6, 7, 8
-    assert broker.take(b"r1", [6]) == [6]
+    assert broker.take(b"r1", [6], 1.0) == [6]
+    assert broker.running(b"r1") == {6: 1.0}  # what the status shows it runs
     broker.tick(31.0)  # 7 and 8 were handed out long ago too: only 6 gets its 504
     assert kinds(broker) == [("fail", b"1", 504), ("kill", 7)]
-    assert broker.take(b"r1", [6, 7]) == [7]  # 6 ended meanwhile
+    assert broker.running(b"r1") == {}
+    assert broker.take(b"r1", [6, 7], 31.5) == [7]  # 6 ended meanwhile
+    assert broker.running(b"r1") == {7: 31.5}
     worker = broker.workers[b"r1"]
     broker.worker_gone(b"r1", worker.began, {r.index for r in worker.held.values()}, 32.0,
                        "worker host silent")

@@ -103,7 +103,9 @@ def test_a_remote_worker_killed_mid_request_costs_that_request_only(host_dir: Pa
                 for _ in range(2)]  # the local worker takes one, the remote one the other
         for thread in slow:
             thread.start()
-        wait_for(lambda: remote_workers(stack)[0]["holding"] == 1, 5, 0.02, "a remote request")
+        wait_for(lambda: [r["path"] for r in remote_workers(stack)[0]["running"]] == ["/slow"],
+                 5, 0.02, "the remote worker to run a request (a held one not begun would "
+                 "go to another worker)")
         killed = time.monotonic()
         worker.send_signal(signal.SIGKILL)
         wait_for(lambda: len(held) == 1, 5, 0.02, "the remote worker's request to end")

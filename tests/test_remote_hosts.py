@@ -168,7 +168,8 @@ def test_a_worker_host_serves_loses_its_link_and_comes_back(hosts: Hosts,
         assert json.loads(client.answer("remote")["body"]) == {"pid": remote_pid}
         # A slow request on the other host; the link is cut in the middle of it.
         client.send("cut", "/slow?s=6")  # over by the time the link is back
-        wait_for(lambda: remote_shown(front_run)[0]["holding"] == 1, 10, 0.05, "held there")
+        wait_for(lambda: [r["path"] for r in remote_shown(front_run)[0]["running"]] ==
+                 ["/slow"], 10, 0.05, "begun there (one not begun would go to another worker)")
         cut_at = time.monotonic()
         hosts.cut(down=True)
         client.send("meanwhile", "/pid")
