@@ -396,19 +396,18 @@ class Broker:
         granted = [i for i in indexes if i in held]
         if granted:
             worker.began = max(worker.began, *granted)
-            worker.begun = {index: since for index, since in worker.begun.items()
-                            if index in held}  # what ended since is forgotten
+            worker.begun = self.running(identity)  # what ended since is forgotten
             worker.begun.update(dict.fromkeys(granted, now))
         return granted
 
     def running(self, identity: bytes) -> dict[int, float]:
         """What a remote worker runs: the number of each request it was told to begin and
-        still holds, and when it was told."""
+        still holds (its response begun or not), and when it was told."""
         worker = self.workers.get(identity)
         if worker is None:
             return {}
-        held = {r.index for r in worker.held.values()}
-        return {index: since for index, since in worker.begun.items() if index in held}
+        holds = {r.index for r in worker.held.values()}
+        return {index: since for index, since in worker.begun.items() if index in holds}
 
     def round_trip(self, identity: bytes, seconds: float) -> None:
         """A remote worker's messages take ``seconds`` there and back (a recent measure)."""

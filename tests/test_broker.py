@@ -552,3 +552,17 @@ def test_a_remote_worker_begins_only_what_it_was_told_to_and_that_counts_as_begu
                        "worker host silent")
     assert kinds(broker) == [("fail", b"2", 502)]  # 7 was begun; 8 goes to another
     assert broker.waiting() == 1
+
+
+def test_a_remote_worker_runs_what_it_was_told_to_begin_until_it_ends():
+    broker = make(prefetch=4)
+    broker.worker_ready(b"r1", 7, 1, 1, 0, 0.0, host="192.0.2.2")
+    for conn in (b"1", b"2"):
+        arrive(broker, conn)
+    assert handed(broker) == {b"r1": [b"1", b"2"]}  # numbered 1, 2
+    assert broker.take(b"r1", [1], 1.0) == [1]
+    output(broker, b"r1", [], [b"1"], 1.1)  # its response has begun: it still runs
+    assert broker.take(b"r1", [2], 1.2) == [2]
+    assert broker.running(b"r1") == {1: 1.0, 2: 1.2}
+    output(broker, b"r1", [b"1"], [], 1.3)
+    assert broker.running(b"r1") == {2: 1.2}
