@@ -568,7 +568,7 @@ class Dispatcher:
         for the worker's."""
         link = self.links.get(identity)
         for _ in range(2 * framing.SEND_BUFFER // framing.READ_SIZE):
-            if link is None or identity not in self.links or link.closed or \
+            if link is None or identity not in self.links or \
                     not select.select([link], [], [], 0)[0]:
                 break
             self._on_link(identity, select.POLLIN)
